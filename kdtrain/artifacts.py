@@ -1,0 +1,156 @@
+"""The artifacts folder: every stage writes into it, the plugin reads only from it.
+
+Layout (each stage owns one sub-folder; later stages add theirs)::
+
+    manifest.json              what is here, which stage wrote it, its SHA-256
+    tokenizers/teacher/        SmolLM2's tokenizer, read from the teacher GGUF
+    tokenizers/student/        teacher + thinking/tool tags (vocab migration)
+    tokenizers/runtime/        tokenizer.json alone, as a host app loads it
+    migration/audit.json       the vocab migration's audit log
+    student/checkpoint/        config.json + model.safetensors (transformers folder)
+    student/init.json          how the student was initialised from the teacher
+
+Artifacts are named (``tokenizer.runtime``), never located by path in contracts, so a
+stage can move its files without touching a contract.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+from pathlib import Path, PurePosixPath
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from kdtrain import __version__, atomic
+from kdtrain.errors import ArtifactError, located
+
+MANIFEST = "manifest.json"
+MANIFEST_VERSION = 1
+
+
+class ArtifactEntry(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    path: str
+    kind: str
+    stage: str
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+
+    @field_validator("path")
+    @classmethod
+    def _inside_folder(cls, value: str) -> str:
+        # Artifacts may come from elsewhere: a manifest must not point outside its folder.
+        pure = PurePosixPath(value)
+        if pure.is_absolute() or ".." in pure.parts or not value:
+            raise ValueError("a relative path inside the artifacts folder")
+        return value
+
+
+class StageRecord(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    finished_at: str
+    kdtrain_version: str
+    settings: dict[str, Any] = {}
+
+
+class Manifest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    manifest_version: Literal[1] = MANIFEST_VERSION
+    artifacts: dict[str, ArtifactEntry] = {}
+    stages: dict[str, StageRecord] = {}
+
+
+def sha256_path(path: Path) -> str:
+    """SHA-256 of a file, or of a folder as the sorted (relative path, file hash) pairs."""
+    if path.is_file():
+        digest = hashlib.sha256()
+        with open(path, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+        return digest.hexdigest()
+    digest = hashlib.sha256()
+    for file in sorted(p for p in path.rglob("*") if p.is_file()):
+        digest.update(f"{file.relative_to(path).as_posix()}\0{sha256_path(file)}\n".encode())
+    return digest.hexdigest()
+
+
+def _pydantic_message(file: Path, error: ValidationError) -> str:
+    lines = []
+    for item in error.errors():
+        key = ".".join(str(part) for part in item["loc"]) or "(top level)"
+        lines.append(located(file, key, item["msg"].removeprefix("Value error, "), repr(item.get("input"))))
+    return "\n".join(lines)
+
+
+class ArtifactsFolder:
+    """An artifacts folder and its manifest; the only way kdtrain and the plugin touch it."""
+
+    def __init__(self, root: Path, manifest: Manifest):
+        self.root = root
+        self.manifest = manifest
+
+    @classmethod
+    def create(cls, root: Path | str) -> "ArtifactsFolder":
+        root = Path(root)
+        root.mkdir(parents=True, exist_ok=True)
+        if (root / MANIFEST).exists():
+            return cls.open(root)
+        folder = cls(root, Manifest())
+        folder.save()
+        return folder
+
+    @classmethod
+    def open(cls, root: Path | str) -> "ArtifactsFolder":
+        root = Path(root)
+        file = root / MANIFEST
+        if not file.is_file():
+            raise ArtifactError(
+                f"{file}: expected an artifacts manifest, found no such file "
+                f"(build the folder with `kdtrain pipeline --out {root}`)"
+            )
+        try:
+            raw = json.loads(file.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ArtifactError(located(file, None, "valid UTF-8 JSON", exc)) from None
+        try:
+            return cls(root, Manifest.model_validate(raw))
+        except ValidationError as exc:
+            raise ArtifactError(_pydantic_message(file, exc)) from None
+
+    def save(self) -> None:
+        atomic.write_json(self.root / MANIFEST, self.manifest.model_dump(mode="json"))
+
+    def path(self, name: str) -> Path:
+        """Where the artifact ``name`` lives; an :class:`ArtifactError` if it is not there."""
+        entry = self.manifest.artifacts.get(name)
+        if entry is None:
+            known = ", ".join(sorted(self.manifest.artifacts)) or "none"
+            raise ArtifactError(
+                located(self.root / MANIFEST, f"artifacts.{name}", f"an artifact named {name!r}", f"only: {known}")
+            )
+        path = self.root / entry.path
+        if not path.exists():
+            raise ArtifactError(
+                located(self.root / MANIFEST, f"artifacts.{name}.path", f"{entry.path} to exist", "nothing there")
+            )
+        return path
+
+    def entry(self, name: str) -> ArtifactEntry:
+        self.path(name)
+        return self.manifest.artifacts[name]
+
+    def record(self, name: str, relpath: str, kind: str, stage: str) -> None:
+        """Register an artifact that a stage has just written (atomically) under ``relpath``."""
+        entry = ArtifactEntry(path=relpath, kind=kind, stage=stage, sha256=sha256_path(self.root / relpath))
+        self.manifest.artifacts[name] = entry
+        self.save()
+
+    def record_stage(self, stage: str, settings: dict[str, Any]) -> None:
+        now = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+        self.manifest.stages[stage] = StageRecord(finished_at=now, kdtrain_version=__version__, settings=settings)
+        self.save()

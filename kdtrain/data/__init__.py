@@ -1,0 +1,1 @@
+"""Data: batching (padding and its mask), chat rendering and loss-label masking."""

@@ -1,0 +1,75 @@
+"""The end-to-end pipeline: each stage writes its part of the artifacts folder atomically.
+
+Stages run in order and can be re-run alone (``kdtrain pipeline --stages student``); a
+stage reads what earlier stages wrote through the manifest, never through memory.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Callable
+
+from tqdm import tqdm
+
+from kdtrain import atomic
+from kdtrain.artifacts import ArtifactsFolder
+from kdtrain.teacher import gguf
+from kdtrain.tokenizers.fingerprint import TOKENIZER_JSON
+
+
+def stage_tokenizers(folder: ArtifactsFolder) -> None:
+    """Teacher tokenizer from the GGUF, student by vocab migration, runtime tokenizer.json, audit log."""
+    from kdtrain.tokenizers.migration import migrate_vocabulary
+
+    teacher = gguf.load_tokenizer()
+    student, _, audit = migrate_vocabulary(teacher)
+    for name, tok in (("teacher", teacher), ("student", student)):
+        rel = f"tokenizers/{name}"
+        with atomic.directory(folder.root / rel) as tmp:
+            tok.save_pretrained(tmp)
+        folder.record(f"tokenizer.{name}", rel, "tokenizer/transformers", "tokenizers")
+    with atomic.directory(folder.root / "tokenizers/runtime") as tmp:
+        shutil.copyfile(folder.path("tokenizer.student") / TOKENIZER_JSON, tmp / TOKENIZER_JSON)
+    folder.record("tokenizer.runtime", f"tokenizers/runtime/{TOKENIZER_JSON}", "tokenizer/runtime", "tokenizers")
+    audit["teacher"] = {"name": gguf.TEACHER_NAME, "version": gguf.TEACHER_VERSION}
+    atomic.write_json(folder.root / "migration/audit.json", audit)
+    folder.record("migration.audit", "migration/audit.json", "audit/vocab-migration", "tokenizers")
+    folder.record_stage("tokenizers", {"teacher": gguf.TEACHER_VERSION, "added_tags": [t["text"] for t in audit["added_tokens"]]})
+
+
+def stage_student(folder: ArtifactsFolder) -> None:
+    """A small student initialised from a few teacher layers, saved as a transformers folder."""
+    import json
+
+    from kdtrain.student.init import DEFAULT_LAYERS, init_student
+    from kdtrain.tokenizers.migration import AddedTag
+
+    audit = json.loads(folder.path("migration.audit").read_text(encoding="utf-8"))
+    tags = [AddedTag(t["text"], t["id"], t["teacher_ids"]) for t in audit["added_tokens"]]
+    teacher = gguf.load_model()
+    student, record = init_student(teacher, tags, DEFAULT_LAYERS, teacher_name=gguf.TEACHER_VERSION)
+    with atomic.directory(folder.root / "student/checkpoint") as tmp:
+        student.save_pretrained(tmp, safe_serialization=True)
+    folder.record("student.checkpoint", "student/checkpoint", "checkpoint/transformers", "student")
+    atomic.write_json(folder.root / "student/init.json", record.to_json())
+    folder.record("student.init", "student/init.json", "log/student-init", "student")
+    folder.record_stage("student", {"teacher_layers": record.teacher_layers, "parameters": record.parameters})
+
+
+STAGES: dict[str, Callable[[ArtifactsFolder], None]] = {
+    "tokenizers": stage_tokenizers,
+    "student": stage_student,
+}
+
+
+def run_pipeline(out: Path | str, stages: list[str] | None = None) -> ArtifactsFolder:
+    folder = ArtifactsFolder.create(out)
+    names = stages or list(STAGES)
+    unknown = [s for s in names if s not in STAGES]
+    if unknown:
+        raise ValueError(f"--stages: expected some of {list(STAGES)}, found {unknown}")
+    for name in (bar := tqdm(names, desc="kdtrain pipeline", unit="stage")):
+        bar.set_postfix_str(name)
+        STAGES[name](folder)
+    return folder

@@ -1,0 +1,1 @@
+"""The student: initialisation from the teacher (later: the export-friendly module)."""

@@ -1,0 +1,71 @@
+"""Collection: a contract file becomes a ``pytest.File`` whose children are ``pytest.Function`` items.
+
+Following pytest's documented pattern for non-Python files, with one difference: items are
+``Function``s built from a callable whose signature lists the check's fixtures, so the
+fixture machinery (scopes, conftest overrides, syrupy, pytest-benchmark) applies to them.
+"""
+
+from __future__ import annotations
+
+import inspect
+from pathlib import Path
+
+import pytest
+
+from pytest_kdcontracts.check import Check
+from pytest_kdcontracts.contracts import family_for
+from pytest_kdcontracts.errors import ArtifactError, ContractFileError, ContractViolation, Problem
+
+
+def _test_function(check: Check):
+    def contract_check(**fixtures):
+        check.run(**fixtures)
+
+    params = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY) for name in check.fixtures]
+    contract_check.__signature__ = inspect.Signature(params)
+    contract_check.__name__ = check.name
+    contract_check.__doc__ = check.doc
+    return contract_check
+
+
+class ContractItem(pytest.Function):
+    """One check of one contract; failures print the violation alone, no traceback."""
+
+    check: Check
+
+    def repr_failure(self, excinfo):
+        if isinstance(excinfo.value, (ContractViolation, ArtifactError)):
+            return str(excinfo.value)
+        return super().repr_failure(excinfo)
+
+    def reportinfo(self):
+        return self.path, None, f"{self.path.name}::{self.name}"
+
+
+class ContractFile(pytest.File):
+    """A contract file; loading and schema validation happen here, at collection."""
+
+    def collect(self):
+        family = family_for(self.path)
+        if family is None:
+            from pytest_kdcontracts.contracts import FAMILIES
+
+            known = sorted(f.file_name for f in FAMILIES)
+            raise ContractFileError(str(self.path), [Problem("(file name)", f"one of {known}", repr(self.path.name))])
+        contract = family.load(self.path)
+        for check in family.checks(contract):
+            item = ContractItem.from_parent(self, name=check.item_name, callobj=_test_function(check))
+            item.check = check
+            item.add_marker("kdcontract")
+            for mark in (family.mark, *check.marks):
+                item.add_marker(mark)
+            yield item
+
+    def repr_failure(self, excinfo):
+        if isinstance(excinfo.value, ContractFileError):
+            return str(excinfo.value)
+        return super().repr_failure(excinfo)
+
+
+def is_contract_file(path: Path) -> bool:
+    return path.suffix in (".json", ".yaml", ".yml")

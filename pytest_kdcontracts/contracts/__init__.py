@@ -1,0 +1,47 @@
+"""Contract families: one module per contract file, each ``parse`` (typed) and ``checks``.
+
+``contracts/<file>`` declares, ``pytest_kdcontracts/contracts/<family>.py`` verifies, and
+``kdtrain/<stage>/`` produces: a reader who knows one family knows where the next lives.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+from pytest_kdcontracts.loader import load_contract
+
+
+@dataclass(frozen=True)
+class Family:
+    file_name: str
+    schema: str
+    mark: str
+    module: str
+
+    def _impl(self):
+        return importlib.import_module(self.module)
+
+    def load(self, path: Path) -> Any:
+        """Schema-validate, then let the family type the document and check cross-references."""
+        return self._impl().parse(path, load_contract(path, self.schema))
+
+    def checks(self, contract: Any) -> Iterator:
+        return self._impl().checks(contract)
+
+
+FAMILIES: tuple[Family, ...] = (
+    Family("manifest.json", "manifest.schema.json", "kdcontract", "pytest_kdcontracts.contracts.manifest"),
+    Family("tokens.json", "tokens.schema.json", "tokens", "pytest_kdcontracts.contracts.tokens"),
+)
+
+MARKERS = {
+    "kdcontract": "an item generated from a kdcontracts contract file",
+    "tokens": "tokenizer contracts (tokens.json)",
+}
+
+
+def family_for(path: Path) -> Family | None:
+    return next((f for f in FAMILIES if f.file_name == path.name), None)

@@ -1,0 +1,34 @@
+"""The plugin's errors. Each renders as one message a person can act on, without a traceback."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from kdtrain.errors import ArtifactError, KDError
+
+__all__ = ["ArtifactError", "ContractFileError", "ContractViolation", "Problem"]
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong with a contract file: where, what was expected, what was found."""
+
+    key_path: str
+    expected: str
+    found: str
+
+    def __str__(self) -> str:
+        return f"at {self.key_path}: expected {self.expected}, found {self.found}"
+
+
+class ContractFileError(KDError):
+    """A contract file that cannot be loaded or does not match its schema (a collection error)."""
+
+    def __init__(self, file: str, problems: list[Problem]):
+        self.file, self.problems = file, problems
+        lines = [f"{file}: invalid contract file"] + [f"  {p}" for p in problems]
+        super().__init__("\n".join(lines))
+
+
+class ContractViolation(AssertionError):
+    """An artifact breaks a contract. ``str()`` is the whole report of the failing item."""

@@ -1,0 +1,90 @@
+"""The artifact fixtures. A user's ``conftest.py`` overrides any of them by name.
+
+Each is session-scoped and lazy: a missing or broken artifact raises its ``ArtifactError``
+inside the item that needs it, so that item fails with the message, not a setup traceback.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from kdtrain.errors import ArtifactError
+from pytest_kdcontracts.session import KDSession
+
+SESSION_KEY = pytest.StashKey[KDSession]()
+
+
+class _Unavailable:
+    """Stands in for an artifacts folder that could not be opened; any use raises why."""
+
+    def __init__(self, error: ArtifactError):
+        self._error = error
+
+    def __getattr__(self, name):
+        raise self._error
+
+
+class TokenizerSet:
+    """name -> :class:`kdtrain.tokenizers.Tokenizer`, loaded on first use."""
+
+    def __init__(self, artifacts):
+        self._artifacts, self._loaded = artifacts, {}
+
+    def __getitem__(self, name: str):
+        from kdtrain.tokenizers.load import load_tokenizer
+
+        if name not in self._loaded:
+            self._loaded[name] = load_tokenizer(self._artifacts, name)
+        return self._loaded[name]
+
+
+@pytest.fixture(scope="session")
+def kd_session(request) -> KDSession:
+    session = request.config.stash.get(SESSION_KEY, None)
+    if session is None:
+        pytest.fail("kdcontracts fixtures need --kd-contracts DIR", pytrace=False)
+    return session
+
+
+@pytest.fixture(scope="session")
+def kd_artifacts_dir(kd_session) -> Path:
+    if kd_session.artifacts_dir is None:
+        raise ArtifactError(kd_session.manifest_error or "no artifacts folder")
+    return kd_session.artifacts_dir
+
+
+@pytest.fixture(scope="session")
+def kd_artifacts(kd_session):
+    """The :class:`kdtrain.artifacts.ArtifactsFolder` the contracts verify."""
+    from kdtrain.artifacts import ArtifactsFolder
+
+    try:
+        if kd_session.artifacts_dir is None:
+            raise ArtifactError(kd_session.manifest_error or "no artifacts folder")
+        return ArtifactsFolder.open(kd_session.artifacts_dir)
+    except ArtifactError as exc:
+        return _Unavailable(exc)
+
+
+@pytest.fixture(scope="session")
+def kd_tokenizers(kd_artifacts) -> TokenizerSet:
+    """Tokenizers by contract name (teacher, student, runtime)."""
+    return TokenizerSet(kd_artifacts)
+
+
+@pytest.fixture(scope="session")
+def kd_collator():
+    """``collate(sequences, pad_id) -> Batch(input_ids, attention_mask)``: kdtrain's padding."""
+    from kdtrain.data.collate import pad_batch
+
+    return pad_batch
+
+
+@pytest.fixture(scope="session")
+def kd_chat_labeler():
+    """``label(tokenizer, messages) -> (RenderedChat, ids, labels)``: kdtrain's loss masking."""
+    from kdtrain.data.chat import tokenize_chat
+
+    return tokenize_chat

@@ -1,0 +1,138 @@
+"""Read a contract file (JSON or YAML) and validate it against the JSON Schema shipped for it.
+
+Every failure becomes a :class:`ContractFileError` listing each problem as key path,
+expected and found; nothing here lets a parser's or validator's traceback escape.
+"""
+
+from __future__ import annotations
+
+import json
+from functools import lru_cache
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from jsonschema import Draft202012Validator, validators
+from jsonschema.exceptions import ValidationError
+
+from pytest_kdcontracts.errors import ContractFileError, Problem
+
+_JSON_TYPES = {dict: "object", list: "array", str: "string", bool: "boolean", int: "integer", float: "number", type(None): "null"}
+
+
+def _is_strict_integer(checker, instance) -> bool:
+    # JSON Schema would accept 3.0 as an integer; a token id written as 3.0 is a bug.
+    return isinstance(instance, int) and not isinstance(instance, bool)
+
+
+_StrictValidator = validators.extend(
+    Draft202012Validator,
+    type_checker=Draft202012Validator.TYPE_CHECKER.redefine("integer", _is_strict_integer),
+)
+
+
+def json_type(value: Any) -> str:
+    return _JSON_TYPES.get(type(value), type(value).__name__)
+
+
+def describe(value: Any, limit: int = 60) -> str:
+    text = json.dumps(value, ensure_ascii=False) if json_type(value) in _JSON_TYPES.values() else repr(value)
+    if len(text) > limit:
+        text = text[: limit - 1] + "…"
+    return f"{text} ({json_type(value)})"
+
+
+def key_path(parts) -> str:
+    out = ""
+    for part in parts:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or "(top level)"
+
+
+def _problem(error: ValidationError) -> Problem:
+    path = list(error.absolute_path)
+    kind, value, instance = error.validator, error.validator_value, error.instance
+    if kind == "required":
+        missing = [k for k in value if k not in instance]
+        return Problem(key_path(path + missing[:1]), "a value (required key)", "no such key")
+    if kind == "additionalProperties":
+        allowed = sorted(error.schema.get("properties", {}))
+        extra = [k for k in instance if k not in allowed]
+        return Problem(key_path(path + extra[:1]), f"only the keys {allowed}", f"unknown key {extra[0]!r}")
+    if kind == "type":
+        types = value if isinstance(value, list) else [value]
+        return Problem(key_path(path), " or ".join(types), describe(instance))
+    if kind == "enum":
+        return Problem(key_path(path), f"one of {value}", describe(instance))
+    if kind == "propertyNames":
+        bad = [k for k in instance if not _StrictValidator(error.schema["propertyNames"]).is_valid(k)]
+        allowed = error.schema["propertyNames"].get("enum")
+        expected = f"keys from {allowed}" if allowed else "valid keys"
+        return Problem(key_path(path + bad[:1]), expected, f"unknown key {bad[0]!r}" if bad else describe(instance))
+    if kind == "minItems":
+        return Problem(key_path(path), f"at least {value} item(s)", f"{len(instance)} item(s)")
+    if kind == "minProperties":
+        return Problem(key_path(path), f"at least {value} key(s)", f"{len(instance)} key(s)")
+    if kind == "minLength":
+        return Problem(key_path(path), f"a string of at least {value} character(s)", describe(instance))
+    if kind == "pattern":
+        return Problem(key_path(path), f"a string matching {value}", describe(instance))
+    if kind in ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"):
+        word = {"minimum": ">=", "maximum": "<=", "exclusiveMinimum": ">", "exclusiveMaximum": "<"}[kind]
+        return Problem(key_path(path), f"a number {word} {value}", describe(instance))
+    if kind == "uniqueItems":
+        return Problem(key_path(path), "no repeated items", describe(instance))
+    if kind == "const":
+        return Problem(key_path(path), json.dumps(value), describe(instance))
+    return Problem(key_path(path), error.message, describe(instance))
+
+
+@lru_cache(maxsize=None)
+def schema_validator(schema_name: str):
+    text = resources.files("pytest_kdcontracts.schemas").joinpath(schema_name).read_text(encoding="utf-8")
+    schema = json.loads(text)
+    _StrictValidator.check_schema(schema)
+    return _StrictValidator(schema)
+
+
+def _reject_duplicates(pairs):
+    seen = {}
+    for key, value in pairs:
+        if key in seen:
+            raise ValueError(f"duplicate key {key!r}")
+        seen[key] = value
+    return seen
+
+
+def parse_document(path: Path) -> Any:
+    """JSON or YAML by suffix; a parse failure names the line and column."""
+    file = str(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ContractFileError(file, [Problem("(document)", "UTF-8 text", f"undecodable byte at offset {exc.start}")]) from None
+    if path.suffix in (".yaml", ".yml"):
+        import yaml
+
+        try:
+            return yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f" at line {mark.line + 1} column {mark.column + 1}" if mark else ""
+            problem = getattr(exc, "problem", None) or str(exc)
+            raise ContractFileError(file, [Problem("(document)", "valid YAML", f"{problem}{where}")]) from None
+    try:
+        return json.loads(text, object_pairs_hook=_reject_duplicates)
+    except json.JSONDecodeError as exc:
+        raise ContractFileError(file, [Problem("(document)", "valid JSON", f"{exc.msg} at line {exc.lineno} column {exc.colno}")]) from None
+    except ValueError as exc:
+        raise ContractFileError(file, [Problem("(document)", "unique keys in every object", str(exc))]) from None
+
+
+def load_contract(path: Path, schema_name: str) -> Any:
+    """Parse and schema-validate; returns the plain document (families type it themselves)."""
+    data = parse_document(path)
+    errors = sorted(schema_validator(schema_name).iter_errors(data), key=lambda e: (list(map(str, e.absolute_path)), e.validator))
+    if errors:
+        raise ContractFileError(str(path), [_problem(e) for e in errors[:20]])
+    return data

@@ -1,0 +1,118 @@
+"""State of one pytest run with ``--kd-contracts``: folders, backend, and the verdicts to report."""
+
+from __future__ import annotations
+
+import sys
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from pytest_kdcontracts.errors import ContractFileError
+
+MANIFEST = "manifest.json"
+
+
+def backend_name() -> str:
+    """Which backend runs converted programs: the Core ML runtime exists only on macOS."""
+    if sys.platform == "darwin":
+        return "coreml (Core ML runtime)"
+    return f"mil-reference (MIL reference executor; Core ML prediction needs macOS, this is {sys.platform})"
+
+
+@dataclass
+class KDSession:
+    contract_dir: Path
+    artifacts_override: Path | None
+    manifest_error: str | None = None
+    artifacts_dir: Path | None = None
+    outcomes: dict[str, Counter] = field(default_factory=lambda: defaultdict(Counter))
+    skip_reasons: Counter = field(default_factory=Counter)
+    failed: list[str] = field(default_factory=list)
+    keys: dict[str, str] = field(default_factory=dict)  # nodeid -> "file::check"
+
+    @classmethod
+    def from_config(cls, config: pytest.Config) -> "KDSession":
+        from pytest_kdcontracts.contracts import family_for
+
+        contract_dir = Path(config.getoption("kd_contracts")).resolve()
+        override = config.getoption("kd_artifacts")
+        session = cls(contract_dir, Path(override).resolve() if override else None)
+        session.artifacts_dir = session.artifacts_override
+        if session.artifacts_dir is None:
+            manifest = contract_dir / MANIFEST
+            try:
+                session.artifacts_dir = family_for(manifest).load(manifest).artifacts
+            except ContractFileError as exc:
+                session.manifest_error = str(exc)
+            except FileNotFoundError:
+                session.manifest_error = f"{manifest}: expected a contract-folder manifest naming the artifacts folder, found no such file (or pass --kd-artifacts)"
+        return session
+
+    def owns(self, path: Path) -> bool:
+        return path.resolve().is_relative_to(self.contract_dir)
+
+    def header(self, config: pytest.Config) -> list[str]:
+        lines = [f"kdcontracts: contracts {self.contract_dir}"]
+        if self.artifacts_dir is None:
+            lines.append(f"kdcontracts: artifacts unresolved: {self.manifest_error}")
+        else:
+            source = "--kd-artifacts" if self.artifacts_override else f"{MANIFEST}"
+            lines.append(f"kdcontracts: artifacts {self.artifacts_dir} (from {source})")
+        lines.append(f"kdcontracts: backend {backend_name()}")
+        lines.extend(f"kdcontracts: {line}" for line in self._fingerprints())
+        return lines
+
+    def _fingerprints(self) -> list[str]:
+        from kdtrain.artifacts import ArtifactsFolder
+        from kdtrain.errors import ArtifactError
+        from kdtrain.tokenizers.fingerprint import tokenizer_fingerprint
+        from kdtrain.tokenizers.load import TOKENIZER_ARTIFACTS
+
+        if self.artifacts_dir is None:
+            return []
+        try:
+            folder = ArtifactsFolder.open(self.artifacts_dir)
+        except ArtifactError as exc:
+            return [f"artifacts not readable: {str(exc).splitlines()[0]}"]
+        lines = []
+        for name, (artifact, _) in TOKENIZER_ARTIFACTS.items():
+            try:
+                lines.append(f"tokenizer {name:8s} {tokenizer_fingerprint(folder.path(artifact))}")
+            except ArtifactError as exc:
+                lines.append(f"tokenizer {name:8s} unavailable ({str(exc).splitlines()[0]})")
+        return lines
+
+    def pytest_itemcollected(self, item: pytest.Item) -> None:
+        check = getattr(item, "check", None)
+        if check is not None:
+            self.keys[item.nodeid] = f"{item.path.name}::{check.name}"
+
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        """Count one item once: its call, or the setup/teardown that kept it from passing."""
+        key = self.keys.get(report.nodeid)
+        if key is None or (report.when != "call" and report.passed):
+            return
+        outcome = "error" if report.when != "call" and report.failed else report.outcome
+        self.outcomes[key][outcome] += 1
+        if report.skipped and isinstance(report.longrepr, tuple):
+            self.skip_reasons[report.longrepr[2]] += 1
+        if report.failed:
+            self.failed.append(report.nodeid)
+
+    def summary(self) -> list[str]:
+        lines = []
+        width = max((len(k) for k in self.outcomes), default=10)
+        for key in sorted(self.outcomes):
+            counts = self.outcomes[key]
+            verdict = "FAILED" if counts["failed"] or counts["error"] else ("skipped" if not counts["passed"] else "passed")
+            detail = ", ".join(f"{n} {o}" for o, n in sorted(counts.items()))
+            lines.append(f"{verdict:7s} {key:{width}s}  {detail}")
+        for reason, n in self.skip_reasons.most_common():
+            lines.append(f"skipped {n}x: {reason}")
+        total = Counter()
+        for counts in self.outcomes.values():
+            total.update(counts)
+        lines.append("contracts: " + (", ".join(f"{n} {o}" for o, n in sorted(total.items())) or "no items ran"))
+        return lines
