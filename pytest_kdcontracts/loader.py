@@ -52,6 +52,10 @@ def key_path(parts) -> str:
 def _problem(error: ValidationError) -> Problem:
     path = list(error.absolute_path)
     kind, value, instance = error.validator, error.validator_value, error.instance
+    if "propertyNames" in error.relative_schema_path:
+        # The error is about a key (instance), reported at the object that holds it.
+        expected = f"keys from {value}" if kind == "enum" else f"keys matching {error.message}"
+        return Problem(key_path(path + [instance]), expected, f"unknown key {instance!r}")
     if kind == "required":
         missing = [k for k in value if k not in instance]
         return Problem(key_path(path + missing[:1]), "a value (required key)", "no such key")
@@ -64,11 +68,6 @@ def _problem(error: ValidationError) -> Problem:
         return Problem(key_path(path), " or ".join(types), describe(instance))
     if kind == "enum":
         return Problem(key_path(path), f"one of {value}", describe(instance))
-    if kind == "propertyNames":
-        bad = [k for k in instance if not _StrictValidator(error.schema["propertyNames"]).is_valid(k)]
-        allowed = error.schema["propertyNames"].get("enum")
-        expected = f"keys from {allowed}" if allowed else "valid keys"
-        return Problem(key_path(path + bad[:1]), expected, f"unknown key {bad[0]!r}" if bad else describe(instance))
     if kind == "minItems":
         return Problem(key_path(path), f"at least {value} item(s)", f"{len(instance)} item(s)")
     if kind == "minProperties":

@@ -126,7 +126,7 @@ def check_single_token(c: TokensContract, token: SpecialToken, name: str, kd_tok
     tok, tid = kd_tokenizers[name], token.ids[name]
     alone = tok.encode(token.text).ids
     if alone != [tid]:
-        fail(c.name, f"{token.text!r} alone in {_where(tok)}", f"one token [{tid}]", f"{len(alone)} tokens [{_pieces(tok, alone)}]")
+        fail(c.name, f"{token.text!r} alone in {_where(tok)}", f"one token [{tid}]", f"{len(alone)} token(s) [{_pieces(tok, alone)}]")
     for text in contexts(token.text)[1:]:
         ids = tok.encode(text).ids
         if ids.count(tid) != text.count(token.text):
@@ -174,7 +174,8 @@ def check_padding_mask(c: TokensContract, token: SpecialToken, name: str, kd_tok
         ids = [int(i) for i in batch.input_ids[row].tolist()]
         kept = [i for i, m in zip(ids, mask) if m]
         if kept != seq:
-            hidden = [p for p, (i, m) in enumerate(zip(ids, mask)) if i == tid and not m]
+            right_padded = ids[: len(seq)] == seq
+            hidden = [p for p in range(len(seq)) if seq[p] == tid and not mask[p]] if right_padded else []
             fail(c.name, f"padding mask of {token.text!r} (id {tid}, roles {list(token.roles)}) with PAD id {pad} in {_where(tok)}",
                  f"the {len(seq)} real tokens of sequence {row} unmasked, padding masked",
                  f"mask {mask}" + (f"; {token.text!r} masked at positions {hidden}" if hidden else ""),

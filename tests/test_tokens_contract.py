@@ -1,0 +1,141 @@
+"""tokens.json contracts: pass on the reference artifacts, fail on each planted fault with a
+message naming the token, the tokenizer, the expected and the found value."""
+
+from __future__ import annotations
+
+import textwrap
+
+RUNTIME = "tokenizers/runtime/tokenizer.json"
+STUDENT = "tokenizers/student/tokenizer.json"
+
+
+def _added(data: dict, text: str) -> dict:
+    return next(t for t in data["added_tokens"] if t["content"] == text)
+
+
+def test_reference_artifacts_pass_every_contract(workspace):
+    result = workspace.run()
+    result.assert_outcomes(passed=120)
+    result.stdout.fnmatch_lines([
+        "kdcontracts: contracts *contracts",
+        "kdcontracts: artifacts *artifacts (from manifest.json)",
+        "kdcontracts: backend *",
+        "kdcontracts: tokenizer runtime  sha256:*",
+        "*= kdcontracts =*",
+        "passed  tokens.json::single_token *21 passed",
+        "contracts: 120 passed",
+    ])
+
+
+def test_runtime_id_changed_fails_special_id_and_same_ids(workspace):
+    def swap(data):  # the order of added_tokens decides their ids when tokenizers loads the file
+        tokens = data["added_tokens"]
+        i = tokens.index(_added(data, "<think>"))
+        tokens[i], tokens[i + 1] = tokens[i + 1], tokens[i]
+        tokens[i]["id"], tokens[i + 1]["id"] = 49152, 49153
+
+    workspace.edit_json(RUNTIME, swap)
+    result = workspace.run("-k", "runtime and think")
+    result.stdout.fnmatch_lines([
+        "*tokens.json::special_id[[]runtime-<think>[]]*",
+        "*special token '<think>' in tokenizer 'runtime'*",
+        "*expected: id 49152",
+        "*found:    id 49153",
+    ])
+    failed = workspace.failed(result)
+    assert {"special_id[runtime-<think>]", "special_id[runtime-</think>]", "same_ids[student-runtime-think_then_answer]"} <= failed
+    assert "single_token[runtime-<think>]" in failed  # the contract's id no longer encodes <think>
+
+
+def test_tag_made_splittable_fails_single_token(workspace):
+    def demote(data):
+        data["added_tokens"] = [t for t in data["added_tokens"] if t["content"] != "<tool_call>"]
+
+    workspace.edit_json(STUDENT, demote)
+    result = workspace.run("-k", "single_token and student")
+    result.stdout.fnmatch_lines([
+        "*single_token[[]student-<tool_call>[]]*",
+        "*'<tool_call>' alone in tokenizer 'student'*",
+        "*expected: one token [[]49154[]]",
+        "*found:    5 token(s) [[]44 '<', 19324 'tool', 79 '_', 4350 'call', 46 '>'[]]",
+    ])
+    # Later tags shift down one id when an earlier one is removed: they fail too, on their ids.
+    assert workspace.failed(result) == {f"single_token[student-{t}]" for t in ("<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>")}
+
+
+def test_fingerprint_drift_fails_but_reformatting_does_not(workspace):
+    path = workspace.artifacts / RUNTIME
+    import json
+
+    workspace.write(RUNTIME, json.dumps(json.loads(path.read_text()), indent=7, sort_keys=True))
+    workspace.run("-k", "fingerprint").assert_outcomes(passed=3)
+
+    workspace.write("tokenizers/student/chat_template.jinja", "{{ messages }}")
+    result = workspace.run("-k", "fingerprint")
+    result.assert_outcomes(passed=2, failed=1)
+    result.stdout.fnmatch_lines([
+        "*fingerprint of tokenizer 'student'*",
+        "*expected: sha256:3c41d0*",
+        "*found:    sha256:*",
+        "*meaning changed*",
+    ])
+
+
+def test_collator_that_masks_eos_when_pad_is_eos_fails(workspace):
+    workspace.pytester.makeconftest(textwrap.dedent("""
+        import pytest, torch
+        from kdtrain.data.collate import Batch
+
+        @pytest.fixture(scope="session")
+        def kd_collator():
+            def naive(sequences, pad_id):  # the classic bug: mask = ids != pad
+                n = max(map(len, sequences))
+                ids = torch.tensor([list(s) + [pad_id] * (n - len(s)) for s in sequences])
+                return Batch(ids, (ids != pad_id).long())
+            return naive
+    """))
+    result = workspace.run("-k", "padding_mask and student")
+    result.stdout.fnmatch_lines([
+        "*padding_mask[[]student-<|im_end|>[]]*",
+        "*padding mask of '<|im_end|>' (id 2, roles [[]'eos', 'pad'[]]) with PAD id 2 in tokenizer 'student'*",
+        "*'<|im_end|>' masked at positions [[]1[]]",
+        "*PAD and EOS share an id*",
+    ])
+    result.assert_outcomes(failed=1, passed=8)
+
+
+def test_label_masker_that_hides_tool_json_fails_loss_mask(workspace):
+    workspace.pytester.makeconftest(textwrap.dedent("""
+        import re, pytest
+        from kdtrain.data.chat import IGNORE_INDEX, tokenize_chat
+
+        @pytest.fixture(scope="session")
+        def kd_chat_labeler():
+            def hide_tool_calls(tokenizer, messages):
+                rendered, ids, labels = tokenize_chat(tokenizer, messages)
+                offsets = tokenizer.encode(rendered.text).offsets
+                calls = [m.span() for m in re.finditer(r"<tool_call>.*?</tool_call>", rendered.text, re.S)]
+                labels = [IGNORE_INDEX if any(s <= a < e for s, e in calls) else l for l, (a, _) in zip(labels, offsets)]
+                return rendered, ids, labels
+            return hide_tool_calls
+    """))
+    result = workspace.run("-k", "loss_mask and student")
+    result.stdout.fnmatch_lines(["*loss mask of example 'single_tool_call' in tokenizer 'student'*", "*found:    token * masked (ignore index)*"])
+    result.assert_outcomes(failed=2, passed=4)  # plain_answer has no tool call
+
+
+def test_audit_log_that_disagrees_with_the_tokenizers_fails(workspace):
+    def tamper(data):
+        data["added_tokens"][0]["id"] = 12
+        data["to"]["vocab_sha256"] = "sha256:" + "0" * 64
+
+    workspace.edit_json("migration/audit.json", tamper)
+    result = workspace.run("-k", "migration_audit")
+    result.stdout.fnmatch_lines(["*migration audit log entry for '<think>'*", "*found:    log: 12, tokenizer: 49152*"])
+    result.assert_outcomes(failed=2, passed=7)
+
+
+def test_missing_artifacts_fail_every_item_with_the_build_command(workspace, tmp_path):
+    result = workspace.run("--kd-artifacts", str(tmp_path / "nowhere"), "-k", "fingerprint or artifacts_manifest")
+    result.assert_outcomes(failed=4)
+    result.stdout.fnmatch_lines(["*expected an artifacts manifest, found no such file (build the folder with `kdtrain pipeline --out *nowhere`)*"])
