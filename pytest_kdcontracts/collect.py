@@ -42,6 +42,14 @@ class ContractItem(pytest.Function):
         return self.path, None, f"{self.path.name}::{self.name}"
 
 
+def make_item(parent: pytest.Collector, check: Check, marks: tuple[str, ...] = ()) -> ContractItem:
+    item = ContractItem.from_parent(parent, name=check.item_name, callobj=_test_function(check))
+    item.check = check
+    for mark in ("kdcontract", *marks):
+        item.add_marker(mark)
+    return item
+
+
 class ContractFile(pytest.File):
     """A contract file; loading and schema validation happen here, at collection."""
 
@@ -54,12 +62,7 @@ class ContractFile(pytest.File):
             raise ContractFileError(str(self.path), [Problem("(file name)", f"one of {known}", repr(self.path.name))])
         contract = family.load(self.path)
         for check in family.checks(contract):
-            item = ContractItem.from_parent(self, name=check.item_name, callobj=_test_function(check))
-            item.check = check
-            item.add_marker("kdcontract")
-            for mark in (family.mark, *check.marks):
-                item.add_marker(mark)
-            yield item
+            yield make_item(self, check, (family.mark, *check.marks))
 
     def repr_failure(self, excinfo):
         if isinstance(excinfo.value, ContractFileError):

@@ -1,0 +1,34 @@
+"""Loss masking: the assistant's turn (tags, JSON, answer, closing EOS) is supervised; the rest is not."""
+
+from __future__ import annotations
+
+from kdtrain.data.chat import IGNORE_INDEX, Message, render_chat, supervised_labels
+from kdtrain.tokenizers.load import Tokenizer
+
+MESSAGES = (
+    Message("user", "Weather in Paris?"),
+    Message("assistant", '<tool_call>{"name": "get_weather", "arguments": {"city": "Paris"}}</tool_call>'),
+    Message("tool", '{"temperature_c": 18}'),
+    Message("assistant", "18 °C."),
+)
+
+
+def test_rendered_spans_point_at_each_message():
+    rendered = render_chat(MESSAGES)
+    assert [rendered.text[s:e] for s, e in rendered.message_spans] == [m.content for m in MESSAGES]
+    assert rendered.text.endswith("18 °C.<|im_end|>\n")
+
+
+def test_labels_supervise_assistant_tokens_only(reference_artifacts):
+    tok = Tokenizer("student", reference_artifacts / "tokenizers/student", "transformers")
+    rendered = render_chat(MESSAGES)
+    enc = tok.encode(rendered.text)
+    labels = supervised_labels(enc.ids, enc.offsets, rendered.supervised_spans)
+    supervised = tok.decode([i for i, label in zip(enc.ids, labels) if label != IGNORE_INDEX])
+    assert supervised == '<tool_call>{"name": "get_weather", "arguments": {"city": "Paris"}}</tool_call><|im_end|>18 °C.<|im_end|>'
+
+
+def test_a_token_straddling_a_span_edge_is_supervised():
+    # Offsets (0,4) and (4,8); the span starts at 3: the first token overlaps it.
+    assert supervised_labels([10, 11], [(0, 4), (4, 8)], [(3, 8)]) == [10, 11]
+    assert supervised_labels([10, 11], [(0, 4), (4, 8)], [(4, 8)]) == [IGNORE_INDEX, 11]

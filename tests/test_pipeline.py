@@ -1,0 +1,44 @@
+"""The reference pipeline's outputs: migration audit log and the student checkpoint."""
+
+from __future__ import annotations
+
+import json
+
+from kdtrain.artifacts import ArtifactsFolder
+from kdtrain.tokenizers.migration import TAGS
+
+
+def test_manifest_lists_every_reference_artifact(reference_artifacts):
+    folder = ArtifactsFolder.open(reference_artifacts)
+    assert set(folder.manifest.artifacts) == {
+        "tokenizer.teacher", "tokenizer.student", "tokenizer.runtime", "migration.audit", "student.checkpoint", "student.init"
+    }
+    assert set(folder.manifest.stages) == {"tokenizers", "student"}
+
+
+def test_audit_log_records_the_teacher_splits_named_in_the_issue(reference_artifacts):
+    audit = json.loads((reference_artifacts / "migration/audit.json").read_text())
+    added = {a["text"]: a for a in audit["added_tokens"]}
+    assert list(added) == list(TAGS)
+    assert added["<think>"]["teacher_pieces"] == ["<", "think", ">"]
+    assert len(added["<tool_call>"]["teacher_ids"]) == 5
+    assert [a["id"] for a in added.values()] == list(range(49152, 49158))
+    assert audit["from"]["vocab_sha256"] != audit["to"]["vocab_sha256"]
+    unchanged = [s for s in audit["samples"] if not s["changed"]]
+    assert unchanged and all("<think>" not in s["text"] for s in unchanged)
+
+
+def test_student_checkpoint_is_small_and_its_new_rows_are_teacher_means(reference_artifacts):
+    import torch
+    from safetensors.torch import load_file
+
+    from kdtrain.teacher import gguf
+
+    config = json.loads((reference_artifacts / "student/checkpoint/config.json").read_text())
+    assert config["num_hidden_layers"] == 3 and config["hidden_size"] <= 576 and config["vocab_size"] == 49158
+    weights = load_file(reference_artifacts / "student/checkpoint/model.safetensors")
+    embed = weights["model.embed_tokens.weight"]
+    init = json.loads((reference_artifacts / "student/init.json").read_text())
+    row = init["embedding_init"]["rows"]["<think>"]
+    assert torch.allclose(embed[row["id"]], embed[row["teacher_ids"]].mean(dim=0))
+    assert init["teacher_layers"] == [0, 14, 29] and init["teacher"] == gguf.TEACHER_VERSION
