@@ -7,8 +7,9 @@ stage reads what earlier stages wrote through the manifest, never through memory
 from __future__ import annotations
 
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 from tqdm import tqdm
 
@@ -18,8 +19,23 @@ from kdtrain.teacher import gguf
 from kdtrain.tokenizers.fingerprint import TOKENIZER_JSON
 
 
-def stage_tokenizers(folder: ArtifactsFolder) -> None:
+@dataclass
+class StageContext:
+    """What a stage gets: the artifacts folder and the contract folder it builds towards."""
+
+    folder: ArtifactsFolder
+    contracts: Path
+
+    def contract(self, file_name: str) -> Any:
+        """A contract file, schema-validated and typed by the plugin's family for it."""
+        from pytest_kdcontracts.contracts import family_for
+
+        return family_for(Path(file_name)).load(self.contracts / file_name)
+
+
+def stage_tokenizers(ctx: StageContext) -> None:
     """Teacher tokenizer from the GGUF, student by vocab migration, runtime tokenizer.json, audit log."""
+    folder = ctx.folder
     from kdtrain.tokenizers.migration import migrate_vocabulary
 
     teacher = gguf.load_tokenizer()
@@ -38,38 +54,59 @@ def stage_tokenizers(folder: ArtifactsFolder) -> None:
     folder.record_stage("tokenizers", {"teacher": gguf.TEACHER_VERSION, "added_tags": [t["text"] for t in audit["added_tokens"]]})
 
 
-def stage_student(folder: ArtifactsFolder) -> None:
+def stage_student(ctx: StageContext) -> None:
     """A small student initialised from a few teacher layers, saved as a transformers folder."""
+    folder = ctx.folder
     import json
 
     from kdtrain.student.init import DEFAULT_LAYERS, init_student
+    from kdtrain.student.model import StudentConfig, StudentLM
     from kdtrain.tokenizers.migration import AddedTag
 
     audit = json.loads(folder.path("migration.audit").read_text(encoding="utf-8"))
     tags = [AddedTag(t["text"], t["id"], t["teacher_ids"]) for t in audit["added_tokens"]]
     teacher = gguf.load_model()
     student, record = init_student(teacher, tags, DEFAULT_LAYERS, teacher_name=gguf.TEACHER_VERSION)
+    hf_config = {k: v for k, v in student.config.to_dict().items() if k not in ("_name_or_path", "_model_name_or_path")}
+    model = StudentLM(StudentConfig.from_hf(hf_config))
+    model.load_state_dict(student.state_dict(), strict=False)
+    model.init_halt_head()
     with atomic.directory(folder.root / "student/checkpoint") as tmp:
-        student.save_pretrained(tmp, safe_serialization=True)
+        model.save_pretrained(tmp, hf_config)
     folder.record("student.checkpoint", "student/checkpoint", "checkpoint/transformers", "student")
     atomic.write_json(folder.root / "student/init.json", record.to_json())
     folder.record("student.init", "student/init.json", "log/student-init", "student")
     folder.record_stage("student", {"teacher_layers": record.teacher_layers, "parameters": record.parameters})
 
 
-STAGES: dict[str, Callable[[ArtifactsFolder], None]] = {
+def _stage_export(ctx: StageContext) -> None:
+    from kdtrain.export.stage import stage_export
+
+    stage_export(ctx)
+
+
+def _stage_convert(ctx: StageContext) -> None:
+    from kdtrain.coreml.stage import stage_convert
+
+    stage_convert(ctx)
+
+
+STAGES: dict[str, Callable[[StageContext], None]] = {
     "tokenizers": stage_tokenizers,
     "student": stage_student,
+    "export": _stage_export,
+    "convert": _stage_convert,
 }
 
 
-def run_pipeline(out: Path | str, stages: list[str] | None = None) -> ArtifactsFolder:
-    folder = ArtifactsFolder.create(out)
+def run_pipeline(out: Path | str, stages: list[str] | None = None, contracts: Path | str = "contracts") -> ArtifactsFolder:
+    ctx = StageContext(ArtifactsFolder.create(out), Path(contracts))
+    folder = ctx.folder
     names = stages or list(STAGES)
     unknown = [s for s in names if s not in STAGES]
     if unknown:
         raise ValueError(f"--stages: expected some of {list(STAGES)}, found {unknown}")
     for name in (bar := tqdm(names, desc="kdtrain pipeline", unit="stage")):
         bar.set_postfix_str(name)
-        STAGES[name](folder)
+        STAGES[name](ctx)
     return folder

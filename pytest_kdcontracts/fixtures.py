@@ -88,3 +88,35 @@ def kd_chat_labeler():
     from kdtrain.data.chat import tokenize_chat
 
     return tokenize_chat
+
+
+class CoreMLPackages:
+    """The converted mlpackages by enumerated length; spec and MIL read once each."""
+
+    def __init__(self, artifacts):
+        self._artifacts, self._io, self._mil = artifacts, {}, {}
+
+    def package(self, length: int):
+        from kdtrain.coreml.stage import mlpackage_artifact
+
+        return self._artifacts.path(mlpackage_artifact(length))
+
+    def io(self, length: int):
+        from kdtrain.coreml.inspect import functions_io
+
+        if length not in self._io:
+            self._io[length] = functions_io(self.package(length))
+        return self._io[length]
+
+    def mil(self, length: int):
+        from kdtrain.coreml.inspect import load_mil
+
+        if length not in self._mil:
+            self._mil[length] = load_mil(self.package(length))
+        return self._mil[length]
+
+
+@pytest.fixture(scope="session")
+def kd_coreml(kd_artifacts) -> CoreMLPackages:
+    """Converted mlpackages by length: ``.package(L)``, ``.io(L)`` (spec), ``.mil(L)`` (MIL program)."""
+    return CoreMLPackages(kd_artifacts)

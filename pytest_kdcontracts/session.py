@@ -21,7 +21,7 @@ def backend_name() -> str:
     return f"mil-reference (MIL reference executor; Core ML prediction needs macOS, this is {sys.platform})"
 
 
-@dataclass
+@dataclass(eq=False)  # registered as a pluggy plugin: must stay hashable
 class KDSession:
     contract_dir: Path
     artifacts_override: Path | None

@@ -35,13 +35,28 @@ class Family:
 FAMILIES: tuple[Family, ...] = (
     Family("manifest.json", "manifest.schema.json", "kdcontract", "pytest_kdcontracts.contracts.manifest"),
     Family("tokens.json", "tokens.schema.json", "tokens", "pytest_kdcontracts.contracts.tokens"),
+    Family("coreml_contract.json", "coreml_contract.schema.json", "coreml", "pytest_kdcontracts.contracts.coreml"),
+    Family("export_lint.yaml", "export_lint.schema.json", "export", "pytest_kdcontracts.contracts.export_lint"),
+    Family("precision_islands.yaml", "precision_islands.schema.json", "coreml", "pytest_kdcontracts.contracts.islands"),
 )
 
 MARKERS = {
     "kdcontract": "an item generated from a kdcontracts contract file",
     "tokens": "tokenizer contracts (tokens.json)",
+    "export": "exported-graph lint (export_lint.yaml)",
+    "coreml": "converted mlpackages: IO and precision islands (coreml_contract.json, precision_islands.yaml)",
 }
 
 
 def family_for(path: Path) -> Family | None:
     return next((f for f in FAMILIES if f.file_name == path.name), None)
+
+
+def load_sibling(path: Path, file_name: str) -> Any:
+    """A contract that another one depends on (the enumerated shapes live in coreml_contract.json)."""
+    from pytest_kdcontracts.errors import ContractFileError, Problem
+
+    sibling = path.parent / file_name
+    if not sibling.is_file():
+        raise ContractFileError(str(path), [Problem("(folder)", f"{file_name} beside it (it declares the enumerated shapes)", "no such file")])
+    return family_for(sibling).load(sibling)

@@ -1,0 +1,1 @@
+"""Core ML: conversion with precision islands, and reading a saved mlpackage back on any OS."""

@@ -1,0 +1,77 @@
+"""Convert the student's exported programs to one multifunction mlpackage per length.
+
+Why one multifunction package per enumerated length: prefill and decode must share the KV
+cache, and Core ML states are shared only between functions of one model; functions also
+share (deduplicated) weights. One package per length keeps every shape static, the ANE's
+best case, and lets each length be verified, shipped or dropped alone.
+"""
+
+from __future__ import annotations
+
+import re
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from kdtrain import atomic
+from kdtrain.errors import KDError
+
+_NP = {"int32": np.int32, "float16": np.float16, "float32": np.float32}
+
+
+@dataclass(frozen=True)
+class Island:
+    name: str
+    op_types: tuple[str, ...]
+    name_pattern: str | None = None
+
+    def matches(self, op_type: str, op_name: str) -> bool:
+        return op_type in self.op_types and (self.name_pattern is None or re.search(self.name_pattern, op_name) is not None)
+
+
+class LintError(KDError):
+    """The linter found problems: conversion is not attempted."""
+
+
+def fp16_selector(islands: tuple[Island, ...]):
+    """``op_selector`` for FP16ComputePrecision: True means 'compute this op in FP16'."""
+    return lambda op: not any(island.matches(op.op_type, op.name) for island in islands)
+
+
+def convert_function(program, io, islands: tuple[Island, ...], length_symbol: str, length: int):
+    """One exported program -> an MLModel (not saved). ``io`` is the contract's function IO."""
+    import coremltools as ct
+
+    def shape(dims):
+        return tuple(length if d == length_symbol else d for d in dims)
+
+    return ct.convert(
+        program,
+        inputs=[ct.TensorType(name=t.name, shape=shape(t.shape), dtype=_NP[t.dtype]) for t in io.inputs],
+        outputs=[ct.TensorType(name=t.name) for t in io.outputs],
+        states=[ct.StateType(wrapped_type=ct.TensorType(shape=shape(t.shape), dtype=_NP[t.dtype]), name=t.name) for t in io.states],
+        minimum_deployment_target=ct.target.iOS18,
+        compute_precision=ct.transform.FP16ComputePrecision(op_selector=fp16_selector(islands)),
+        skip_model_load=True,
+    )
+
+
+def save_multifunction(models: dict, out: Path, default: str) -> None:
+    """Save {function name: MLModel} as one mlpackage, atomically."""
+    import coremltools as ct
+
+    with tempfile.TemporaryDirectory() as scratch:
+        desc = ct.utils.MultiFunctionDescriptor()
+        for name, model in models.items():
+            single = Path(scratch) / f"{name}.mlpackage"
+            model.save(str(single))
+            desc.add_function(str(single), src_function_name="main", target_function_name=name)
+        desc.default_function_name = default
+        with atomic.directory(out) as tmp:
+            package = tmp / "model.mlpackage"
+            ct.utils.save_multifunction(desc, str(package))
+            for item in package.iterdir():
+                item.rename(tmp / item.name)
+            package.rmdir()
