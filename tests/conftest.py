@@ -16,13 +16,28 @@ from kdtrain import atomic
 REPO = Path(__file__).resolve().parents[1]
 
 
+# The reference contracts at two short lengths: every Core ML item is still generated per
+# length, but export and conversion stay fast on two cores. `make demo` runs all four.
+TEST_LENGTHS = [64, 128]
+
+
 @pytest.fixture(scope="session")
-def reference_artifacts(tmp_path_factory) -> Path:
+def test_contracts(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("contracts") / "contracts"
+    shutil.copytree(REPO / "contracts", folder)
+    coreml = json.loads((folder / "coreml_contract.json").read_text())
+    coreml["enumerated_shapes"]["values"] = TEST_LENGTHS
+    (folder / "coreml_contract.json").write_text(json.dumps(coreml, indent=2))
+    return folder
+
+
+@pytest.fixture(scope="session")
+def reference_artifacts(tmp_path_factory, test_contracts) -> Path:
     """`kdtrain pipeline` output, built once; never mutate it (use ``workspace.artifacts``)."""
     from kdtrain.pipeline import run_pipeline
 
     out = tmp_path_factory.mktemp("reference") / "artifacts"
-    run_pipeline(out)
+    run_pipeline(out, contracts=test_contracts)
     return out
 
 
@@ -33,11 +48,11 @@ class Workspace:
     a file (new inode), so a planted fault never reaches the shared reference copy.
     """
 
-    def __init__(self, pytester: pytest.Pytester, reference: Path):
+    def __init__(self, pytester: pytest.Pytester, contracts: Path, reference: Path):
         self.pytester = pytester
         self.contracts = pytester.path / "contracts"
         self.artifacts = pytester.path / "artifacts"
-        shutil.copytree(REPO / "contracts", self.contracts)
+        shutil.copytree(contracts, self.contracts)
         shutil.copytree(reference, self.artifacts, copy_function=os.link)
 
     def write(self, relpath: str, text: str, root: Path | None = None) -> Path:
@@ -65,5 +80,5 @@ class Workspace:
 
 
 @pytest.fixture
-def workspace(pytester: pytest.Pytester, reference_artifacts: Path) -> Workspace:
-    return Workspace(pytester, reference_artifacts)
+def workspace(pytester: pytest.Pytester, test_contracts: Path, reference_artifacts: Path) -> Workspace:
+    return Workspace(pytester, test_contracts, reference_artifacts)

@@ -9,11 +9,15 @@ from kdtrain.tokenizers.migration import TAGS
 
 
 def test_manifest_lists_every_reference_artifact(reference_artifacts):
+    from conftest import TEST_LENGTHS
+
     folder = ArtifactsFolder.open(reference_artifacts)
+    per_length = {f"export.graph.{fn}.{n}" for fn in ("prefill", "decode") for n in TEST_LENGTHS} | {f"coreml.fp16.{n}" for n in TEST_LENGTHS}
     assert set(folder.manifest.artifacts) == {
         "tokenizer.teacher", "tokenizer.student", "tokenizer.runtime", "migration.audit", "student.checkpoint", "student.init"
-    }
-    assert set(folder.manifest.stages) == {"tokenizers", "student"}
+    } | per_length
+    assert set(folder.manifest.stages) == {"tokenizers", "student", "export", "convert"}
+    assert all(folder.path(name).exists() for name in folder.manifest.artifacts)
 
 
 def test_audit_log_records_the_teacher_splits_named_in_the_issue(reference_artifacts):

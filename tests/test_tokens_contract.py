@@ -15,15 +15,17 @@ def _added(data: dict, text: str) -> dict:
 
 def test_reference_artifacts_pass_every_contract(workspace):
     result = workspace.run()
-    result.assert_outcomes(passed=120)
+    result.assert_outcomes(passed=132)
     result.stdout.fnmatch_lines([
         "kdcontracts: contracts *contracts",
         "kdcontracts: artifacts *artifacts (from manifest.json)",
         "kdcontracts: backend *",
         "kdcontracts: tokenizer runtime  sha256:*",
         "*= kdcontracts =*",
-        "passed  tokens.json::single_token *21 passed",
-        "contracts: 120 passed",
+        "passed  coreml_contract.json::io *4 passed",
+        "passed  export_lint.yaml::lint *4 passed",
+        "passed  precision_islands.yaml::islands *4 passed",
+        "contracts: 132 passed",
     ])
 
 

@@ -98,10 +98,10 @@ def lint(graph: GraphSummary, rules: LintRules) -> list[Finding]:
     # 1. convertible
     for node in calls:
         kind = op_kind(node.op)
-        if kind in rules.denylist:
-            add("convertible", node, f"op {kind!r} is on the export-lint denylist")
-        elif kind not in registry:
+        if kind not in registry:
             add("convertible", node, f"coremltools {_coreml_version()} has no converter for {kind!r}")
+        elif kind in rules.denylist:
+            add("convertible", node, f"op {kind!r} is on the export-lint denylist")
 
     # 4. mask arithmetic: descendants of the mask inputs that are ancestors of a softmax
     softmaxes = [n for n in calls if op_kind(n.op) in ("softmax", "_softmax")]
