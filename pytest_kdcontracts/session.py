@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,13 +11,6 @@ import pytest
 from pytest_kdcontracts.errors import ContractFileError
 
 MANIFEST = "manifest.json"
-
-
-def backend_name() -> str:
-    """Which backend runs converted programs: the Core ML runtime exists only on macOS."""
-    if sys.platform == "darwin":
-        return "coreml (Core ML runtime)"
-    return f"mil-reference (MIL reference executor; Core ML prediction needs macOS, this is {sys.platform})"
 
 
 @dataclass(eq=False)  # registered as a pluggy plugin: must stay hashable
@@ -60,7 +52,9 @@ class KDSession:
         else:
             source = "--kd-artifacts" if self.artifacts_override else f"{MANIFEST}"
             lines.append(f"kdcontracts: artifacts {self.artifacts_dir} (from {source})")
-        lines.append(f"kdcontracts: backend {backend_name()}")
+        from kdtrain.runtime.backend import describe_backend
+
+        lines.append(f"kdcontracts: backend {describe_backend()}")
         lines.extend(f"kdcontracts: {line}" for line in self._fingerprints())
         return lines
 

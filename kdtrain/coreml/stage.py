@@ -9,6 +9,7 @@ from tqdm import tqdm
 
 from kdtrain.coreml.convert import LintError, convert_function, save_multifunction
 from kdtrain.export.lint import lint
+from kdtrain.export.programs import HOST_API_VERSION
 from kdtrain.export.stage import FUNCTIONS, export_program
 from kdtrain.export.graph import summarize_program
 
@@ -43,4 +44,5 @@ def stage_convert(ctx) -> None:
         "compute_precision": "float16",
         "islands": {i.name: list(i.op_types) for i in islands},
         "deployment_target": coreml.deployment_target,
+        "host_api_version": HOST_API_VERSION,
     })

@@ -44,7 +44,8 @@ MARKERS = {
     "kdcontract": "an item generated from a kdcontracts contract file",
     "tokens": "tokenizer contracts (tokens.json)",
     "export": "exported-graph lint (export_lint.yaml)",
-    "coreml": "converted mlpackages: IO and precision islands (coreml_contract.json, precision_islands.yaml)",
+    "coreml": "converted mlpackages: IO, islands, ANE residency (coreml_contract.json, precision_islands.yaml)",
+    "golden": "golden vectors and prefill/decode consistency through the execution backend",
 }
 
 

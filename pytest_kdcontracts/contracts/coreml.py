@@ -29,6 +29,20 @@ class FunctionSpec:
 
 
 @dataclass(frozen=True)
+class Golden:
+    dir: Path  # syrupy snapshots (resolved against the contract file)
+    cosine_min: float
+    prompt: str
+    decode_steps: int
+
+
+@dataclass(frozen=True)
+class AneBounds:
+    min_op_fraction: float
+    min_cost_fraction: float
+
+
+@dataclass(frozen=True)
 class CoreMLContract:
     file: Path
     host_api_version: str
@@ -36,6 +50,8 @@ class CoreMLContract:
     symbol: str
     lengths: tuple[int, ...]
     functions: dict[str, FunctionSpec]
+    golden: Golden
+    ane: AneBounds
 
     def bind(self, shape: tuple[Dim, ...], length: int) -> tuple[int, ...]:
         return tuple(length if d == self.symbol else d for d in shape)
@@ -69,6 +85,8 @@ def parse(path: Path, data: dict) -> CoreMLContract:
         symbol=symbol,
         lengths=tuple(data["enumerated_shapes"]["values"]),
         functions={name: FunctionSpec(tensors(f["inputs"]), tensors(f["outputs"]), tensors(f["states"])) for name, f in data["functions"].items()},
+        golden=Golden(**{**data["golden"], "dir": (path.parent / data["golden"]["dir"]).resolve()}),
+        ane=AneBounds(**data["ane"]),
     )
 
 
@@ -96,6 +114,17 @@ def check_io(c: CoreMLContract, function: str, length: int, kd_coreml) -> None:
         fail(c.file.name, f"IO of {function}-{length} in {package}", "the contract's names, shapes and dtypes", "\n    " + "\n    ".join(problems))
 
 
+def check_host_api(c: CoreMLContract, kd_artifacts) -> None:
+    from kdtrain.runtime.host import check_host_api as read_version
+
+    read_version(kd_artifacts, c.host_api_version)
+
+
 def checks(c: CoreMLContract) -> Iterator[Check]:
+    from pytest_kdcontracts.contracts import coreml_ane, coreml_golden
+
+    yield Check("host_api_version", (), partial(check_host_api, c), ("kd_artifacts",))
     for function, length in c.items():
         yield Check("io", (function, str(length)), partial(check_io, c, function, length), ("kd_coreml",))
+    yield from coreml_golden.checks(c)
+    yield from coreml_ane.checks(c)

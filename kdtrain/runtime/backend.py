@@ -1,0 +1,112 @@
+"""One interface to run a converted package: ``new_state()`` and ``predict(function, inputs, state)``.
+
+- ``coreml``: the Core ML runtime (macOS only): ``MLModel(function_name=…)``, ``make_state()``.
+- ``mil-reference``: :class:`kdtrain.runtime.mil_executor.MILExecutor`, on any OS.
+- ``torch``: the PyTorch programs the package was converted from, for live comparisons.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+
+class Session(Protocol):
+    backend: str
+
+    def new_state(self): ...
+
+    def predict(self, function: str, inputs: dict[str, np.ndarray], state) -> dict[str, np.ndarray]: ...
+
+
+def backend_name() -> str:
+    return "coreml" if sys.platform == "darwin" else "mil-reference"
+
+
+def describe_backend() -> str:
+    if backend_name() == "coreml":
+        return "coreml (Core ML runtime)"
+    return f"mil-reference (MIL reference executor, FP16 emulated; Core ML prediction needs macOS, this is {sys.platform})"
+
+
+class MILSession:
+    backend = "mil-reference"
+
+    def __init__(self, package: Path):
+        from kdtrain.runtime.mil_executor import MILExecutor
+
+        self.executor = MILExecutor(package)
+
+    def new_state(self):
+        return self.executor.new_state()
+
+    def predict(self, function, inputs, state):
+        return self.executor.predict(function, inputs, state)
+
+    def read_state(self, state, name: str) -> np.ndarray:
+        return state.read(name)
+
+
+class CoreMLSession:
+    backend = "coreml"
+
+    def __init__(self, package: Path):
+        self.package, self._models = Path(package), {}
+
+    def _model(self, function: str):
+        import coremltools as ct
+
+        if function not in self._models:
+            self._models[function] = ct.models.MLModel(str(self.package), function_name=function, compute_units=ct.ComputeUnit.ALL)
+        return self._models[function]
+
+    def new_state(self):
+        return self._model("prefill").make_state()
+
+    def predict(self, function, inputs, state):
+        return {k: np.asarray(v) for k, v in self._model(function).predict(inputs, state=state).items()}
+
+    def read_state(self, state, name: str) -> np.ndarray:
+        return np.asarray(state.read_state(name))
+
+
+class TorchSession:
+    """The PyTorch prefill/decode programs of one length, sharing one KV cache like a package."""
+
+    backend = "torch"
+
+    def __init__(self, student, length: int):
+        from kdtrain.export.programs import DecodeProgram, PrefillProgram
+
+        self.programs = {"prefill": PrefillProgram(student, length).eval(), "decode": DecodeProgram(student, length).eval()}
+
+    def new_state(self) -> dict:
+        prefill = self.programs["prefill"]
+        return {"k_cache": prefill.k_cache.clone().zero_(), "v_cache": prefill.v_cache.clone().zero_()}
+
+    def predict(self, function, inputs, state):
+        import torch
+
+        program = self.programs[function]
+        program.k_cache.copy_(state["k_cache"])
+        program.v_cache.copy_(state["v_cache"])
+        with torch.no_grad():
+            logits, halt = program(*(torch.from_numpy(np.asarray(v)) for v in inputs.values()))
+        state["k_cache"].copy_(program.k_cache)
+        state["v_cache"].copy_(program.v_cache)
+        return {"logits": logits.numpy(), "halt": halt.numpy()}
+
+    def read_state(self, state, name: str) -> np.ndarray:
+        return state[name].numpy().copy()
+
+
+def open_package(package: Path, backend: str | None = None) -> Session:
+    backend = backend or backend_name()
+    if backend == "coreml":
+        return CoreMLSession(package)
+    if backend == "mil-reference":
+        return MILSession(package)
+    raise ValueError(f"backend: expected 'coreml' or 'mil-reference', found {backend!r}")

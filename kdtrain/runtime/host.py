@@ -1,0 +1,60 @@
+"""The host API (version ``HOST_API_VERSION``) over any session: what an app does on device.
+
+``prefill(prompt) -> (state, logits)`` right-pads the prompt to the length L and runs the
+prefill function; ``decode_step(state, token) -> (state, logits)`` writes cache slot
+``state.position`` and advances it by exactly one. Logits come back as float32 [V].
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from kdtrain.errors import ArtifactError, KDError
+from kdtrain.export.programs import HOST_API_VERSION
+
+
+@dataclass(frozen=True)
+class HostState:
+    position: int  # next cache slot to write = tokens in the context so far
+    cache: object  # the backend's state (MLState, executor State, torch buffers)
+
+
+class ContextFull(KDError):
+    """The context reached the enumerated length L."""
+
+
+class Host:
+    def __init__(self, session, length: int, pad_id: int):
+        self.session, self.length, self.pad_id = session, length, pad_id
+
+    def prefill(self, prompt: list[int]) -> tuple[HostState, np.ndarray]:
+        if not 0 < len(prompt) <= self.length:
+            raise ContextFull(f"prefill: expected 1..{self.length} prompt tokens, found {len(prompt)}")
+        ids = np.full((1, self.length), self.pad_id, dtype=np.int32)
+        ids[0, : len(prompt)] = prompt
+        mask = np.zeros((1, self.length), dtype=np.int32)
+        mask[0, : len(prompt)] = 1
+        cache = self.session.new_state()
+        out = self.session.predict("prefill", {"input_ids": ids, "attention_mask": mask}, cache)
+        return HostState(len(prompt), cache), out["logits"][0].astype(np.float32)
+
+    def decode_step(self, state: HostState, token: int) -> tuple[HostState, np.ndarray]:
+        if state.position >= self.length:
+            raise ContextFull(f"decode_step: the context is full ({self.length} tokens)")
+        inputs = {"input_ids": np.array([[token]], dtype=np.int32), "position": np.array([state.position], dtype=np.int32)}
+        out = self.session.predict("decode", inputs, state.cache)
+        return HostState(state.position + 1, state.cache), out["logits"][0].astype(np.float32)
+
+
+def check_host_api(artifacts, expected: str = HOST_API_VERSION) -> str:
+    """The host API version the artifacts were converted for; a mismatch fails loudly."""
+    stage = artifacts.manifest.stages.get("convert")
+    found = stage.settings.get("host_api_version") if stage else None
+    if found != expected:
+        raise ArtifactError(
+            f"{artifacts.root / 'manifest.json'}: at stages.convert.settings.host_api_version: expected {expected!r} "
+            f"(the host API this code and the contract speak), found {found!r}; re-run `kdtrain convert`"
+        )
+    return found

@@ -1,0 +1,154 @@
+"""Numeric kernels of the MIL reference executor, one per MIL op type.
+
+Each kernel receives the op's inputs as numpy arrays (or Python lists for list inputs) and
+returns one array per output. Arithmetic runs in FP32 (``_f32``); the executor then stores
+each output in its declared dtype, which is where FP16 rounding, overflow to inf and the
+NaN that follows happen, exactly at op boundaries as on device. Matmul-shaped work goes
+through torch's BLAS in FP32 rather than numpy's slow FP16 loops.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+
+def _f32(x: np.ndarray) -> np.ndarray:
+    return x.astype(np.float32) if x.dtype == np.float16 else x
+
+
+def _t(x: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(_f32(x)))
+
+
+def _axes(axes, ndim: int) -> tuple[int, ...] | None:
+    return None if axes is None else tuple(int(a) % ndim for a in np.atleast_1d(axes))
+
+
+def _binary(fn):
+    return lambda x, y: fn(_f32(np.asarray(x)), _f32(np.asarray(y)))
+
+
+def _slices(shape, begin, end, stride=None, begin_mask=None, end_mask=None, squeeze_mask=None):
+    n = len(shape)
+    stride = np.ones(n, dtype=np.int64) if stride is None else stride
+    index, squeeze = [], []
+    for i in range(n):
+        b = None if begin_mask is not None and begin_mask[i] else int(begin[i])
+        e = None if end_mask is not None and end_mask[i] else int(end[i])
+        if squeeze_mask is not None and squeeze_mask[i]:
+            index.append(slice(b, None if b in (None, -1) else b + 1, 1))
+            squeeze.append(i)
+        else:
+            index.append(slice(b, e, int(stride[i])))
+    return tuple(index), tuple(squeeze)
+
+
+def slice_by_index(x, begin, end, stride=None, begin_mask=None, end_mask=None, squeeze_mask=None):
+    index, squeeze = _slices(x.shape, begin, end, stride, begin_mask, end_mask, squeeze_mask)
+    out = x[index]
+    return np.squeeze(out, axis=squeeze) if squeeze else out
+
+
+def slice_update(x, update, begin, end, stride=None, begin_mask=None, end_mask=None, squeeze_mask=None):
+    index, squeeze = _slices(x.shape, begin, end, stride, begin_mask, end_mask, squeeze_mask)
+    out = x.copy()
+    target_shape = out[index].shape
+    out[index] = np.reshape(update, target_shape).astype(out.dtype)
+    return out
+
+
+def matmul(x, y, transpose_x=False, transpose_y=False):
+    a, b = _t(x), _t(y)
+    if transpose_x:
+        a = a.transpose(-1, -2)
+    if transpose_y:
+        b = b.transpose(-1, -2)
+    return torch.matmul(a, b).numpy()
+
+
+def linear(x, weight, bias=None):
+    out = torch.nn.functional.linear(_t(x), _t(weight), None if bias is None else _t(bias))
+    return out.numpy()
+
+
+def softmax(x, axis=-1):
+    return torch.softmax(_t(x), dim=int(axis)).numpy()
+
+
+def reduce(fn):
+    def kernel(x, axes=None, keep_dims=False):
+        return fn(_f32(x), axis=_axes(axes, x.ndim), keepdims=bool(keep_dims))
+    return kernel
+
+
+def cumsum(x, axis=0, exclusive=False, reverse=False):
+    axis = int(axis)
+    data = np.flip(x, axis) if reverse else x
+    out = np.cumsum(data, axis=axis, dtype=x.dtype if x.dtype.kind in "iu" else np.float32)
+    if exclusive:
+        out = np.concatenate([np.zeros_like(np.take(out, [0], axis=axis)), np.delete(out, -1, axis=axis)], axis=axis)
+    return np.flip(out, axis) if reverse else out
+
+
+def concat(values, axis, interleave=False):
+    if interleave:
+        raise NotImplementedError("concat with interleave=True")
+    return np.concatenate([np.asarray(v) for v in values], axis=int(axis))
+
+
+def gather(x, indices, axis=0, batch_dims=0, validate_indices=False):
+    if int(batch_dims) != 0:
+        raise NotImplementedError("gather with batch_dims != 0")
+    indices = np.asarray(indices).astype(np.int64)
+    indices = np.where(indices < 0, indices + x.shape[int(axis)], indices)
+    return np.take(x, indices, axis=int(axis))
+
+
+def _sigmoid(x):
+    return 1.0 / (1.0 + np.exp(-_f32(x)))
+
+
+KERNELS = {
+    "add": _binary(np.add),
+    "sub": _binary(np.subtract),
+    "mul": _binary(np.multiply),
+    "real_div": _binary(np.divide),
+    "pow": _binary(np.power),
+    "maximum": _binary(np.maximum),
+    "minimum": _binary(np.minimum),
+    "equal": _binary(np.equal),
+    "not_equal": _binary(np.not_equal),
+    "less": _binary(np.less),
+    "less_equal": _binary(np.less_equal),
+    "greater": _binary(np.greater),
+    "greater_equal": _binary(np.greater_equal),
+    "logical_and": lambda x, y: np.logical_and(x, y),
+    "logical_or": lambda x, y: np.logical_or(x, y),
+    "logical_not": lambda x: np.logical_not(x),
+    "rsqrt": lambda x, epsilon=1e-12: 1.0 / np.sqrt(_f32(x) + np.float32(epsilon)),
+    "sqrt": lambda x: np.sqrt(_f32(x)),
+    "exp": lambda x: np.exp(_f32(x)),
+    "sigmoid": _sigmoid,
+    "silu": lambda x: _f32(x) * _sigmoid(x),
+    "relu": lambda x: np.maximum(_f32(x), 0),
+    "tanh": lambda x: np.tanh(_f32(x)),
+    "reduce_mean": reduce(np.mean),
+    "reduce_sum": reduce(np.sum),
+    "reduce_max": reduce(np.max),
+    "softmax": softmax,
+    "matmul": matmul,
+    "linear": linear,
+    "reshape": lambda x, shape: np.reshape(x, tuple(int(d) for d in shape)),
+    "transpose": lambda x, perm: np.transpose(x, tuple(int(p) for p in perm)),
+    "expand_dims": lambda x, axes: np.expand_dims(x, tuple(int(a) for a in np.atleast_1d(axes))),
+    "squeeze": lambda x, axes=None: np.squeeze(x, axis=_axes(axes, x.ndim)),
+    "tile": lambda x, reps: np.tile(x, tuple(int(r) for r in reps)),
+    "concat": concat,
+    "select": lambda cond, a, b: np.where(cond, _f32(np.asarray(a)), _f32(np.asarray(b))),
+    "gather": gather,
+    "cumsum": cumsum,
+    "slice_by_index": slice_by_index,
+    "slice_update": slice_update,
+    "identity": lambda x: x,
+}

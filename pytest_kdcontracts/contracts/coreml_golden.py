@@ -1,0 +1,95 @@
+"""Golden vectors and prefill/decode consistency for ``coreml_contract.json``.
+
+- ``golden[<fn>-<L>]``: the backend's outputs against live PyTorch (same host API, same
+  inputs), then both against the stored syrupy snapshot.
+- ``prefill_decode[<L>]``: prefill, then N greedy decode steps through the backend, each
+  step against PyTorch *without a cache* (a full forward over the sequence so far), so a
+  cache bug on either side shows; the cache position advances by exactly one slot per step.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Iterator
+
+import numpy as np
+
+from pytest_kdcontracts.check import Check, fail
+from pytest_kdcontracts.golden import GoldenRecord, agreement, extension_for
+
+
+def _prompt(c, kd_tokenizers, length: int) -> list[int]:
+    ids = kd_tokenizers["student"].encode(c.golden.prompt).ids
+    return ids[: max(1, length - c.golden.decode_steps - 1)]
+
+
+def _run(host, function: str, prompt: list[int], token: int | None):
+    state, logits = host.prefill(prompt)
+    if function == "decode":
+        state, logits = host.decode_step(state, token)
+    return logits
+
+
+def check_golden(c, function: str, length: int, kd_runtime, kd_tokenizers, snapshot) -> None:
+    runtime = kd_runtime.for_length(length, c.host_api_version)
+    prompt = _prompt(c, kd_tokenizers, length)
+    token = int(np.argmax(runtime.torch_host.prefill(prompt)[1]))
+    expected = _run(runtime.torch_host, function, prompt, token)
+    found = _run(runtime.host, function, prompt, token)
+    subject = f"{function}-{length} logits, {runtime.backend} vs PyTorch"
+    agree = agreement(expected, found)
+    if not agree.ok(c.golden.cosine_min):
+        fail(c.file.name, subject, f"cosine >= {c.golden.cosine_min}, no NaN or Inf", str(agree))
+    record = GoldenRecord(
+        {"input_prompt": np.asarray(prompt, dtype=np.int32), "input_token": np.asarray([token], dtype=np.int32),
+         "torch_logits": expected.astype(np.float32), "backend_logits": found.astype(np.float32)},
+        {"model": kd_runtime.model_id, "function": function, "length": length, "host_api_version": c.host_api_version},
+    )
+    assertion = snapshot.use_extension(extension_for(c.golden.dir, c.golden.cosine_min))
+    if not assertion == record:
+        result = assertion.executions[assertion.num_executions - 1]
+        if result.recalled_data is None:
+            fail(c.file.name, f"golden snapshot of {function}-{length}", f"a snapshot at {result.snapshot_location}",
+                 "none (write it with: pytest --kd-contracts … -m golden --snapshot-update)")
+        problems = assertion.extension.problems(result.asserted_data, result.recalled_data)
+        fail(c.file.name, f"{function}-{length} against its golden snapshot ({result.snapshot_location})",
+             f"agreement within cosine {c.golden.cosine_min}", "\n    " + "\n    ".join(problems))
+
+
+def check_prefill_decode(c, length: int, kd_runtime, kd_tokenizers) -> None:
+    import torch
+
+    runtime = kd_runtime.for_length(length, c.host_api_version)
+    prompt = _prompt(c, kd_tokenizers, length)
+    sequence = list(prompt)
+    state, logits = runtime.host.prefill(prompt)
+    for step in range(c.golden.decode_steps + 1):
+        with torch.no_grad():
+            reference = runtime.student(torch.tensor([sequence]))[0, -1].numpy()
+        agree = agreement(reference, logits)
+        where = f"step {step} ({'prefill' if step == 0 else 'decode'}) at L={length}, {runtime.backend} vs PyTorch without a cache"
+        if not agree.ok(c.golden.cosine_min):
+            fail(c.file.name, where, f"cosine >= {c.golden.cosine_min}", str(agree))
+        if int(np.argmax(logits)) != int(np.argmax(reference)):
+            fail(c.file.name, where, f"greedy token {int(np.argmax(reference))}", f"greedy token {int(np.argmax(logits))}")
+        if step == c.golden.decode_steps:
+            return
+        token = int(np.argmax(reference))
+        before = runtime.session.read_state(state.cache, "k_cache")
+        new_state, logits = runtime.host.decode_step(state, token)
+        after = runtime.session.read_state(new_state.cache, "k_cache")
+        written = sorted(set(np.nonzero(np.any(before != after, axis=(0, 1, 3)))[0].tolist()))
+        if new_state.position != state.position + 1 or written != [state.position]:
+            fail(c.file.name, f"KV cache after decode step {step + 1} at L={length}",
+                 f"position {state.position} -> {state.position + 1}, slot {state.position} written",
+                 f"position {new_state.position}, slots written {written}")
+        sequence.append(token)
+        state = new_state
+
+
+def checks(c) -> Iterator[Check]:
+    fixtures = ("kd_runtime", "kd_tokenizers")
+    for function, length in c.items():
+        yield Check("golden", (function, str(length)), partial(check_golden, c, function, length), fixtures + ("snapshot",), marks=("golden",))
+    for length in c.lengths:
+        yield Check("prefill_decode", (str(length),), partial(check_prefill_decode, c, length), fixtures, marks=("golden",))

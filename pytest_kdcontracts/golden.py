@@ -1,0 +1,103 @@
+"""Golden vectors as syrupy snapshots: stored as ``.npz`` under the top-level ``golden/``,
+compared by cosine with the contract's tolerance (never a NaN or an Inf), not byte equality.
+
+Following syrupy's split: :class:`GoldenRecord` is the value, :class:`GoldenArrays` says
+where and how it is stored (a ``SingleFileSnapshotExtension``) and how it is compared.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from syrupy.extensions.single_file import SingleFileSnapshotExtension, WriteMode
+
+
+@dataclass(frozen=True)
+class Agreement:
+    cosine: float
+    max_abs: float
+    nonfinite: int
+    worst: list[tuple[int, float, float]]  # (position, expected, found), largest |difference| first
+
+    def ok(self, cosine_min: float) -> bool:
+        return self.nonfinite == 0 and self.cosine >= cosine_min
+
+    def __str__(self) -> str:
+        worst = ", ".join(f"[{i}] {e:.4g} vs {f:.4g}" for i, e, f in self.worst)
+        return f"cosine {self.cosine:.6f}, max |diff| {self.max_abs:.4g}, non-finite {self.nonfinite}; worst positions: {worst}"
+
+
+def agreement(expected: np.ndarray, found: np.ndarray, top: int = 3) -> Agreement:
+    e = np.asarray(expected, dtype=np.float64).ravel()
+    f = np.asarray(found, dtype=np.float64).ravel()
+    nonfinite = int((~np.isfinite(f)).sum())
+    finite = np.isfinite(f) & np.isfinite(e)
+    if e.shape != f.shape:
+        return Agreement(float("nan"), float("inf"), nonfinite, [])
+    diff = np.where(finite, np.abs(e - f), np.inf)
+    denom = np.linalg.norm(e[finite]) * np.linalg.norm(f[finite])
+    cosine = float(e[finite] @ f[finite] / denom) if denom > 0 and nonfinite == 0 else float("nan")
+    order = np.argsort(-diff, kind="stable")[:top]
+    return Agreement(cosine, float(diff.max()) if diff.size else 0.0, nonfinite, [(int(i), float(e[i]), float(f[i])) for i in order])
+
+
+@dataclass(frozen=True)
+class GoldenRecord:
+    arrays: dict[str, np.ndarray]  # inputs and outputs by name
+    meta: dict  # model identity, function, length, backend
+
+
+class GoldenArrays(SingleFileSnapshotExtension):
+    file_extension = "npz"
+    _write_mode = WriteMode.BINARY
+    cosine_min = 0.999  # overridden per item through :func:`extension_for`
+    golden_dir: Path | None = None
+
+    def serialize(self, data: GoldenRecord, **kwargs) -> bytes:
+        buffer = io.BytesIO()
+        meta = np.frombuffer(json.dumps(data.meta, sort_keys=True).encode(), dtype=np.uint8)
+        np.savez_compressed(buffer, __meta__=meta, **data.arrays)
+        return buffer.getvalue()
+
+    @staticmethod
+    def deserialize(blob: bytes) -> GoldenRecord:
+        with np.load(io.BytesIO(blob), allow_pickle=False) as npz:  # never unpickle a snapshot
+            arrays = {k: npz[k] for k in npz.files if k != "__meta__"}
+            meta = json.loads(npz["__meta__"].tobytes().decode()) if "__meta__" in npz.files else {}
+        return GoldenRecord(arrays, meta)
+
+    @classmethod
+    def dirname(cls, *, test_location) -> str:
+        return str(Path(cls.golden_dir or super().dirname(test_location=test_location)) / test_location.basename)
+
+    def problems(self, serialized_data: bytes, snapshot_data: bytes) -> list[str]:
+        new, old = self.deserialize(serialized_data), self.deserialize(snapshot_data)
+        found = []
+        if old.meta.get("model") != new.meta.get("model"):
+            found.append(f"snapshot made for model {old.meta.get('model')}, the artifacts hold {new.meta.get('model')}")
+        for name in sorted(old.arrays.keys() | new.arrays.keys()):
+            if name not in old.arrays or name not in new.arrays:
+                found.append(f"{name}: only in the {'snapshot' if name in old.arrays else 'new run'}")
+            elif name.startswith("input"):
+                if not np.array_equal(old.arrays[name], new.arrays[name]):
+                    found.append(f"{name}: inputs differ from the snapshot's")
+            else:
+                agree = agreement(old.arrays[name], new.arrays[name])
+                if not agree.ok(self.cosine_min):
+                    found.append(f"{name}: {agree} (need cosine >= {self.cosine_min})")
+        return found
+
+    def matches(self, *, serialized_data, snapshot_data) -> bool:
+        return not self.problems(serialized_data, snapshot_data)
+
+    def diff_lines(self, serialized_data, snapshot_data):
+        yield from self.problems(serialized_data, snapshot_data)
+
+
+def extension_for(golden_dir: Path, cosine_min: float) -> type[GoldenArrays]:
+    """A GoldenArrays bound to one contract's folder and tolerance (syrupy takes a class)."""
+    return type("GoldenArrays", (GoldenArrays,), {"golden_dir": golden_dir, "cosine_min": cosine_min})
