@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.kdcontracts-installed
 ARTIFACTS ?= artifacts
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 
-.PHONY: install demo artifacts contracts test test-all clean
+.PHONY: install demo artifacts contracts golden bench test test-all clean
 
 install: $(STAMP)
 
@@ -31,6 +31,14 @@ contracts: artifacts
 	$(PY) -m pytest --kd-contracts contracts --kd-artifacts $(ARTIFACTS) -q -rs
 
 demo: contracts
+
+# After an intentional change: rewrite the golden vectors (syrupy snapshots in golden/).
+golden: artifacts
+	$(PY) -m pytest --kd-contracts contracts --kd-artifacts $(ARTIFACTS) -m golden --snapshot-update -q
+
+# Executor vs PyTorch eager, as a printed ratio (pytest-benchmark), on the demo artifacts.
+bench: artifacts
+	$(PY) -m pytest benchmarks -q -s -p no:cacheprovider
 
 test: $(STAMP)
 	$(PY) -m pytest -m "not slow" -q

@@ -18,6 +18,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("kdcontracts", "knowledge-distillation contracts")
     group.addoption("--kd-contracts", metavar="DIR", help="contract folder to collect (collected alone when no paths are given)")
     group.addoption("--kd-artifacts", metavar="DIR", help="artifacts folder to verify (overrides the contracts' manifest.json)")
+    parser.addini("kd_contracts", "contract folder collected when --kd-contracts is not given (so `pytest -m golden --snapshot-update` works)")
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -27,7 +28,9 @@ def pytest_configure(config: pytest.Config) -> None:
     for name, doc in MARKERS.items():
         config.addinivalue_line("markers", f"{name}: {doc}")
     if config.getoption("kd_contracts") is None:
-        return
+        if not config.getini("kd_contracts"):
+            return
+        config.option.kd_contracts = str(config.rootpath / config.getini("kd_contracts"))
     from pytest_kdcontracts.session import KDSession
 
     session = KDSession.from_config(config)

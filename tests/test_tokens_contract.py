@@ -14,18 +14,26 @@ def _added(data: dict, text: str) -> dict:
 
 
 def test_reference_artifacts_pass_every_contract(workspace):
+    first = workspace.run("--snapshot-update")  # golden/ starts empty in a fresh workspace
+    first.assert_outcomes(passed=151)
+    first.stdout.fnmatch_lines(["*4 snapshots generated*"])
     result = workspace.run()
-    result.assert_outcomes(passed=132)
+    result.assert_outcomes(passed=151)
     result.stdout.fnmatch_lines([
         "kdcontracts: contracts *contracts",
         "kdcontracts: artifacts *artifacts (from manifest.json)",
-        "kdcontracts: backend *",
+        "kdcontracts: backend mil-reference (MIL reference executor*",
         "kdcontracts: tokenizer runtime  sha256:*",
+        "*4 snapshots passed*",
         "*= kdcontracts =*",
+        "passed  coreml_contract.json::ane_residency *4 passed",
+        "passed  coreml_contract.json::golden *4 passed",
+        "passed  coreml_contract.json::host_api_version *1 passed",
         "passed  coreml_contract.json::io *4 passed",
+        "passed  coreml_contract.json::prefill_decode *2 passed",
         "passed  export_lint.yaml::lint *4 passed",
         "passed  precision_islands.yaml::islands *4 passed",
-        "contracts: 132 passed",
+        "contracts: 151 passed",
     ])
 
 

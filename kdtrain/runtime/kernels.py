@@ -13,8 +13,28 @@ import numpy as np
 import torch
 
 
+# FP32 twins of read-only FP16 constants (weights), keyed by id; the source is kept alive
+# beside its twin so that an id cannot be reused while cached.
+_CONST_F32: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+
+
 def _f32(x: np.ndarray) -> np.ndarray:
-    return x.astype(np.float32) if x.dtype == np.float16 else x
+    if x.dtype != np.float16:
+        return x
+    if not x.flags.writeable:  # a constant: convert once
+        cached = _CONST_F32.get(id(x))
+        if cached is None or cached[0] is not x:
+            cached = _CONST_F32[id(x)] = (x, torch.from_numpy(x.copy()).float().numpy())
+        return cached[1]
+    # torch's FP16 -> FP32 conversion is vectorised; numpy's astype is ~10x slower.
+    return torch.from_numpy(np.ascontiguousarray(x)).float().numpy()
+
+
+def to_dtype(value: np.ndarray, dtype) -> np.ndarray:
+    """Store a result in its MIL dtype; FP32 -> FP16 rounds (and overflows to inf) as IEEE does."""
+    if dtype == np.float16 and isinstance(value, np.ndarray) and value.dtype == np.float32:
+        return torch.from_numpy(np.ascontiguousarray(value)).half().numpy()
+    return np.asarray(value).astype(dtype, copy=False)
 
 
 def _t(x: np.ndarray) -> torch.Tensor:
@@ -25,8 +45,14 @@ def _axes(axes, ndim: int) -> tuple[int, ...] | None:
     return None if axes is None else tuple(int(a) % ndim for a in np.atleast_1d(axes))
 
 
-def _binary(fn):
-    return lambda x, y: fn(_f32(np.asarray(x)), _f32(np.asarray(y)))
+def _binary(np_fn, torch_fn=None):
+    def kernel(x, y):
+        a, b = _f32(np.asarray(x)), _f32(np.asarray(y))
+        if torch_fn is not None and a.dtype == b.dtype == np.float32 and max(a.size, b.size) > 4096:
+            # large float work: torch's threaded, vectorised loops
+            return torch_fn(torch.from_numpy(np.ascontiguousarray(a)), torch.from_numpy(np.ascontiguousarray(b))).numpy()
+        return np_fn(a, b)
+    return kernel
 
 
 def _slices(shape, begin, end, stride=None, begin_mask=None, end_mask=None, squeeze_mask=None):
@@ -110,9 +136,9 @@ def _sigmoid(x):
 
 
 KERNELS = {
-    "add": _binary(np.add),
-    "sub": _binary(np.subtract),
-    "mul": _binary(np.multiply),
+    "add": _binary(np.add, torch.add),
+    "sub": _binary(np.subtract, torch.sub),
+    "mul": _binary(np.multiply, torch.mul),
     "real_div": _binary(np.divide),
     "pow": _binary(np.power),
     "maximum": _binary(np.maximum),
@@ -130,7 +156,7 @@ KERNELS = {
     "sqrt": lambda x: np.sqrt(_f32(x)),
     "exp": lambda x: np.exp(_f32(x)),
     "sigmoid": _sigmoid,
-    "silu": lambda x: _f32(x) * _sigmoid(x),
+    "silu": lambda x: torch.nn.functional.silu(_t(x)).numpy(),
     "relu": lambda x: np.maximum(_f32(x), 0),
     "tanh": lambda x: np.tanh(_f32(x)),
     "reduce_mean": reduce(np.mean),

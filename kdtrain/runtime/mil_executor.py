@@ -17,7 +17,7 @@ import numpy as np
 
 from kdtrain.coreml.inspect import load_mil
 from kdtrain.errors import KDError
-from kdtrain.runtime.kernels import KERNELS
+from kdtrain.runtime.kernels import KERNELS, to_dtype
 
 _NP_DTYPES = {
     "fp16": np.float16, "fp32": np.float32, "fp64": np.float64,
@@ -42,7 +42,7 @@ def numpy_dtype(var) -> type | None:
 
 def _stored(value, var):
     dtype = numpy_dtype(var)
-    return value if dtype is None else np.asarray(value).astype(dtype, copy=False)
+    return value if dtype is None else to_dtype(value, dtype)
 
 
 @dataclass
@@ -90,6 +90,8 @@ class MILExecutor:
                     continue
                 for var, value in zip(op.outputs, values):
                     consts[var.name] = _stored(value, var)
+                    if isinstance(consts[var.name], np.ndarray):
+                        consts[var.name].flags.writeable = False  # lets kernels cache FP32 twins
             self._consts[function] = consts
         return self._consts[function]
 

@@ -1,0 +1,42 @@
+"""Speed of the MIL reference executor against PyTorch eager on the same machine.
+
+Run with ``make bench``. The target (issue: golden vectors) is a ratio, reported here, never
+asserted: the executor's prefill at L=512 within 3x of PyTorch eager's.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+LENGTH = 512
+ROUNDS = 3
+
+
+@pytest.fixture(scope="module")
+def runtime(request):
+    from pathlib import Path
+
+    from kdtrain.artifacts import ArtifactsFolder
+    from kdtrain.runtime.backend import MILSession, TorchSession
+    from kdtrain.student.model import StudentLM
+
+    folder = ArtifactsFolder.open(Path(request.config.rootpath) / "artifacts")
+    student = StudentLM.from_pretrained(folder.path("student.checkpoint"))
+    ids = np.random.default_rng(0).integers(3, 49000, (1, LENGTH)).astype(np.int32)
+    inputs = {"input_ids": ids, "attention_mask": np.ones((1, LENGTH), np.int32)}
+    return {"mil": MILSession(folder.path(f"coreml.fp16.{LENGTH}")), "torch": TorchSession(student, LENGTH), "inputs": inputs}
+
+
+MEANS: dict[str, float] = {}
+
+
+@pytest.mark.parametrize("backend", ["torch", "mil"])
+def test_prefill_512(benchmark, runtime, backend):
+    session = runtime[backend]
+    state = session.new_state()
+    benchmark.pedantic(session.predict, args=("prefill", runtime["inputs"], state), rounds=ROUNDS, warmup_rounds=1)
+    MEANS[backend] = benchmark.stats.stats.mean
+    if len(MEANS) == 2:
+        print(f"\nMIL executor / PyTorch eager, prefill L={LENGTH}: {MEANS['mil'] / MEANS['torch']:.2f}x (target: within 3x)")
