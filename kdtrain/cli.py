@@ -34,7 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     pipeline.add_argument("--stages", help=f"comma-separated subset of: {','.join(STAGES)}")
     pipeline.add_argument("--contracts", default="contracts", help="contract folder the stages read (shapes, islands, lint rules)")
     pipeline.set_defaults(func=_pipeline)
-    for stage in ("export", "convert"):
+    for stage in ("export", "convert", "quantize"):
         one = sub.add_parser(stage, help=f"run the {stage} stage alone (same as pipeline --stages {stage})")
         one.add_argument("--out", required=True, help="artifacts folder to update")
         one.add_argument("--contracts", default="contracts")

@@ -91,11 +91,18 @@ def _stage_convert(ctx: StageContext) -> None:
     stage_convert(ctx)
 
 
+def _stage_quantize(ctx: StageContext) -> None:
+    from kdtrain.quant.stage import stage_quantize
+
+    stage_quantize(ctx)
+
+
 STAGES: dict[str, Callable[[StageContext], None]] = {
     "tokenizers": stage_tokenizers,
     "student": stage_student,
     "export": _stage_export,
     "convert": _stage_convert,
+    "quantize": _stage_quantize,
 }
 
 

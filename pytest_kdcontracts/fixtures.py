@@ -91,29 +91,37 @@ def kd_chat_labeler():
 
 
 class CoreMLPackages:
-    """The converted mlpackages by enumerated length; spec and MIL read once each."""
+    """The converted mlpackages by length and precision; spec, MIL and backend session read once."""
 
     def __init__(self, artifacts):
-        self._artifacts, self._io, self._mil = artifacts, {}, {}
+        self._artifacts, self._io, self._mil, self._sessions = artifacts, {}, {}, {}
 
-    def package(self, length: int):
+    def package(self, length: int, precision: str = "fp16"):
         from kdtrain.coreml.stage import mlpackage_artifact
 
-        return self._artifacts.path(mlpackage_artifact(length))
+        return self._artifacts.path(mlpackage_artifact(length, precision))
 
-    def io(self, length: int):
+    def io(self, length: int, precision: str = "fp16"):
         from kdtrain.coreml.inspect import functions_io
 
-        if length not in self._io:
-            self._io[length] = functions_io(self.package(length))
-        return self._io[length]
+        if (length, precision) not in self._io:
+            self._io[length, precision] = functions_io(self.package(length, precision))
+        return self._io[length, precision]
 
-    def mil(self, length: int):
+    def mil(self, length: int, precision: str = "fp16"):
         from kdtrain.coreml.inspect import load_mil
 
-        if length not in self._mil:
-            self._mil[length] = load_mil(self.package(length))
-        return self._mil[length]
+        if (length, precision) not in self._mil:
+            self._mil[length, precision] = load_mil(self.package(length, precision))
+        return self._mil[length, precision]
+
+    def session(self, length: int, precision: str = "fp16"):
+        """A backend session (Core ML on macOS, the MIL executor elsewhere) for one package."""
+        from kdtrain.runtime.backend import open_package
+
+        if (length, precision) not in self._sessions:
+            self._sessions[length, precision] = open_package(self.package(length, precision))
+        return self._sessions[length, precision]
 
 
 @pytest.fixture(scope="session")
@@ -144,13 +152,13 @@ class Runtime:
     def for_length(self, length: int, host_api_version: str):
         from types import SimpleNamespace
 
-        from kdtrain.runtime.backend import TorchSession, open_package
+        from kdtrain.runtime.backend import TorchSession
         from kdtrain.runtime.host import Host, check_host_api
 
         check_host_api(self._artifacts, host_api_version)
         if length not in self._by_length:
             pad_id = self._tokenizers["student"].transformers.pad_token_id
-            session = open_package(self._coreml.package(length))
+            session = self._coreml.session(length)
             self._by_length[length] = SimpleNamespace(
                 backend=session.backend,
                 session=session,
@@ -165,3 +173,9 @@ class Runtime:
 def kd_runtime(kd_artifacts, kd_coreml, kd_tokenizers) -> Runtime:
     """Converted programs through the platform's backend, beside their PyTorch originals."""
     return Runtime(kd_artifacts, kd_coreml, kd_tokenizers)
+
+
+@pytest.fixture(scope="session")
+def kd_report(kd_session):
+    """``report(line)``: a measured figure for the kdcontracts section of the terminal summary."""
+    return kd_session.notes.append

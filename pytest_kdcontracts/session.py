@@ -23,6 +23,7 @@ class KDSession:
     skip_reasons: Counter = field(default_factory=Counter)
     failed: list[str] = field(default_factory=list)
     keys: dict[str, str] = field(default_factory=dict)  # nodeid -> "file::check"
+    notes: list[str] = field(default_factory=list)  # measured figures items report (kd_report)
 
     @classmethod
     def from_config(cls, config: pytest.Config) -> "KDSession":
@@ -103,6 +104,7 @@ class KDSession:
             verdict = "FAILED" if counts["failed"] or counts["error"] else ("skipped" if not counts["passed"] else "passed")
             detail = ", ".join(f"{n} {o}" for o, n in sorted(counts.items()))
             lines.append(f"{verdict:7s} {key:{width}s}  {detail}")
+        lines.extend(self.notes)
         for reason, n in self.skip_reasons.most_common():
             lines.append(f"skipped {n}x: {reason}")
         total = Counter()

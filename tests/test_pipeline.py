@@ -12,11 +12,14 @@ def test_manifest_lists_every_reference_artifact(reference_artifacts):
     from conftest import TEST_LENGTHS
 
     folder = ArtifactsFolder.open(reference_artifacts)
-    per_length = {f"export.graph.{fn}.{n}" for fn in ("prefill", "decode") for n in TEST_LENGTHS} | {f"coreml.fp16.{n}" for n in TEST_LENGTHS}
+    per_length = {f"export.graph.{fn}.{n}" for fn in ("prefill", "decode") for n in TEST_LENGTHS}
+    per_length |= {f"coreml.{p}.{n}" for p in ("fp16", "int8") for n in TEST_LENGTHS}
     assert set(folder.manifest.artifacts) == {
-        "tokenizer.teacher", "tokenizer.student", "tokenizer.runtime", "migration.audit", "student.checkpoint", "student.init"
+        "tokenizer.teacher", "tokenizer.student", "tokenizer.runtime", "migration.audit", "student.checkpoint", "student.init",
+        "quant.calibration", "quant.activation_stats", "quant.ab",
     } | per_length
-    assert set(folder.manifest.stages) == {"tokenizers", "student", "export", "convert"}
+    assert set(folder.manifest.stages) == {"tokenizers", "student", "export", "convert", "quantize"}
+    assert (reference_artifacts / "quant/size_accuracy.png").stat().st_size > 0
     assert all(folder.path(name).exists() for name in folder.manifest.artifacts)
 
 

@@ -15,10 +15,10 @@ def _added(data: dict, text: str) -> dict:
 
 def test_reference_artifacts_pass_every_contract(workspace):
     first = workspace.run("--snapshot-update")  # golden/ starts empty in a fresh workspace
-    first.assert_outcomes(passed=151)
+    first.assert_outcomes(passed=152)
     first.stdout.fnmatch_lines(["*4 snapshots generated*"])
     result = workspace.run()
-    result.assert_outcomes(passed=151)
+    result.assert_outcomes(passed=152)
     result.stdout.fnmatch_lines([
         "kdcontracts: contracts *contracts",
         "kdcontracts: artifacts *artifacts (from manifest.json)",
@@ -33,7 +33,12 @@ def test_reference_artifacts_pass_every_contract(workspace):
         "passed  coreml_contract.json::prefill_decode *2 passed",
         "passed  export_lint.yaml::lint *4 passed",
         "passed  precision_islands.yaml::islands *4 passed",
-        "contracts: 151 passed",
+        "passed  quant_recipe.yaml::ab *2 passed",
+        "passed  quant_recipe.yaml::conformance *4 passed",
+        "passed  quant_recipe.yaml::finite *2 passed",
+        "passed  quant_recipe.yaml::recipe_coverage *1 passed",
+        "quant A/B L=64: INT8/FP16 size 0.5*",
+        "contracts: 152 passed",
     ])
 
 

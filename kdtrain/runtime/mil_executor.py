@@ -4,7 +4,7 @@ Values live in the dtype each MIL variable declares, so an FP16 program is round
 at every op boundary: overflow becomes inf and inf arithmetic becomes NaN where the device's
 would. Weights come from the package itself (read back with coremltools' milproto loader),
 constexpr weights (INT8 and friends) are materialised by coremltools' own
-``value_inference``, and states (the KV cache) are read and written as the program says.
+``materialized_val_inference``, and states (the KV cache) are read and written as the program says.
 """
 
 from __future__ import annotations
@@ -84,7 +84,7 @@ class MILExecutor:
                 if op.op_type == "const":
                     values = [op.outputs[0].val]
                 elif op.op_type.startswith("constexpr_"):  # Core ML's own dequantization
-                    inferred = op.value_inference()
+                    inferred = op.materialized_val_inference()
                     values = list(inferred) if len(op.outputs) > 1 else [inferred]
                 else:
                     continue

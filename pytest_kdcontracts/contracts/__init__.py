@@ -38,6 +38,7 @@ FAMILIES: tuple[Family, ...] = (
     Family("coreml_contract.json", "coreml_contract.schema.json", "coreml", "pytest_kdcontracts.contracts.coreml"),
     Family("export_lint.yaml", "export_lint.schema.json", "export", "pytest_kdcontracts.contracts.export_lint"),
     Family("precision_islands.yaml", "precision_islands.schema.json", "coreml", "pytest_kdcontracts.contracts.islands"),
+    Family("quant_recipe.yaml", "quant_recipe.schema.json", "quant", "pytest_kdcontracts.contracts.quant"),
 )
 
 MARKERS = {
@@ -46,6 +47,7 @@ MARKERS = {
     "export": "exported-graph lint (export_lint.yaml)",
     "coreml": "converted mlpackages: IO, islands, ANE residency (coreml_contract.json, precision_islands.yaml)",
     "golden": "golden vectors and prefill/decode consistency through the execution backend",
+    "quant": "INT8 packages: recipe conformance, A/B against FP16, finite outputs (quant_recipe.yaml)",
 }
 
 

@@ -1,0 +1,74 @@
+"""The calibration set (tool use, code, long context up to the largest length) and per-module
+activation statistics, so a later run can see the distribution drift."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import numpy as np
+import torch
+
+_TOOLS = ("get_weather", "search_flights", "convert_currency", "run_python", "lookup_customer")
+_CITIES = ("Paris", "São Paulo", "Kyoto", "Nairobi", "Reykjavík", "Austin")
+
+
+def _tool_use(rng: random.Random) -> str:
+    tool, city = rng.choice(_TOOLS), rng.choice(_CITIES)
+    return (f"<|im_start|>user\nPlease use {tool} for {city} and summarise.<|im_end|>\n<|im_start|>assistant\n"
+            f"<think>I should call {tool}.</think><tool_call>\n{json.dumps({'name': tool, 'arguments': {'city': city, 'limit': rng.randint(1, 9)}})}\n</tool_call><|im_end|>\n"
+            f"<|im_start|>user\n<tool_response>\n{json.dumps({'ok': True, 'value': rng.random()})}\n</tool_response><|im_end|>\n<|im_start|>assistant\n")
+
+
+def _code(rng: random.Random) -> str:
+    n = rng.randint(2, 9)
+    return (f"<|im_start|>user\nFix this function.\n```python\ndef total(xs):\n    s = 0\n    for x in xs[:{n}]:\n"
+            f"        s += x * {n}\n    return s / len(xs)\n```<|im_end|>\n<|im_start|>assistant\n")
+
+
+def _long_context(rng: random.Random, tokens: int, tokenizer) -> str:
+    sentences = [f"Record {i}: the shipment to {rng.choice(_CITIES)} weighed {rng.randint(1, 999)} kg." for i in range(4000)]
+    text, out = "<|im_start|>user\nRead the log, then answer.\n", []
+    for sentence in sentences:
+        out.append(sentence)
+        if len(tokenizer.encode(" ".join(out)).ids) >= tokens - 64:
+            break
+    return text + " ".join(out) + "\nWhich shipment was heaviest?<|im_end|>\n<|im_start|>assistant\n"
+
+
+def build_calibration_set(samples: dict[str, int], seed: int, tokenizer, max_length: int) -> list[dict]:
+    rng = random.Random(seed)
+    makers = {"tool_use": lambda: _tool_use(rng), "code": lambda: _code(rng), "long_context": lambda: _long_context(rng, max_length, tokenizer)}
+    out = []
+    for kind, count in sorted(samples.items()):
+        for i in range(count):
+            ids = tokenizer.encode(makers[kind]()).ids[: max_length - 8]
+            out.append({"kind": kind, "index": i, "ids": ids})
+    return out
+
+
+def activation_stats(student, calibration: list[dict]) -> dict[str, dict]:
+    """Per module output: min, max, percentiles of |x|, fraction beyond 6 standard deviations."""
+    collected: dict[str, list[np.ndarray]] = {}
+    hooks = []
+    for name, module in student.named_modules():
+        if isinstance(module, torch.nn.Linear) or type(module).__name__ == "RMSNorm":
+            hooks.append(module.register_forward_hook(lambda m, i, o, name=name: collected.setdefault(name, []).append(o.detach().float().flatten().numpy())))
+    try:
+        with torch.no_grad():
+            for sample in calibration:
+                student(torch.tensor([sample["ids"]]))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    stats = {}
+    for name, parts in collected.items():
+        x = np.concatenate(parts)
+        a = np.abs(x)
+        stats[name] = {
+            "min": float(x.min()), "max": float(x.max()),
+            "p50_abs": float(np.percentile(a, 50)), "p99_abs": float(np.percentile(a, 99)), "p999_abs": float(np.percentile(a, 99.9)),
+            "outlier_fraction": float((np.abs(x - x.mean()) > 6 * x.std()).mean()),
+            "fp16_overflow": bool(a.max() > 65504),
+        }
+    return stats

@@ -1,0 +1,101 @@
+"""``kdtrain quantize``: the recipe applied to every FP16 package, calibration recorded, A/B measured.
+
+Writes ``coreml/int8/student-L<L>.mlpackage``, ``quant/calibration.json`` (the set and its
+composition), ``quant/activation_stats.json`` (+ PNG), ``quant/ab.json`` (+ a size/accuracy PNG).
+"""
+
+from __future__ import annotations
+
+import json
+
+from tqdm import tqdm
+
+from kdtrain import atomic
+from kdtrain.coreml.stage import mlpackage_artifact
+from kdtrain.quant.ab import measure_ab, package_size
+from kdtrain.quant.calibration import activation_stats, build_calibration_set
+from kdtrain.quant.quantize import quantize_package
+from kdtrain.quant.recipe import Recipe, checkpoint_modules
+
+
+def ab_prompts(calibration: list[dict]) -> list[list[int]]:
+    """One prompt of each kind (tool use, code, long context); the host truncates to fit L."""
+    first = {}
+    for sample in calibration:
+        first.setdefault(sample["kind"], sample["ids"])
+    return [first[kind] for kind in sorted(first)]
+
+
+def student_modules(folder) -> list[str]:
+    from safetensors import safe_open
+
+    checkpoint = folder.path("student.checkpoint")
+    config = json.loads((checkpoint / "config.json").read_text(encoding="utf-8"))
+    with safe_open(str(checkpoint / "model.safetensors"), "pt") as weights:
+        names = list(weights.keys())
+    return checkpoint_modules(names, bool(config.get("tie_word_embeddings")))
+
+
+def _plots(folder, stats: dict, results: list) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(10, 4))
+    names = sorted(stats)
+    ax.bar(range(len(names)), [stats[n]["p999_abs"] for n in names])
+    ax.set_xticks(range(len(names)), names, rotation=90, fontsize=6)
+    ax.set_ylabel("p99.9 |activation|")
+    ax.set_title("Activation range per module on the calibration set")
+    fig.tight_layout()
+    fig.savefig(folder.root / "quant/activation_stats.png", dpi=120)
+    plt.close(fig)
+    fig, ax = plt.subplots(figsize=(5, 4))
+    for r in results:
+        ax.scatter([r.size_fp16 / 1e6, r.size_int8 / 1e6], [1.0, r.cosine_min], label=f"L={r.length}")
+        ax.plot([r.size_fp16 / 1e6, r.size_int8 / 1e6], [1.0, r.cosine_min], alpha=0.4)
+    ax.set_xlabel("package size (MB)")
+    ax.set_ylabel("worst-step logit cosine vs FP16")
+    ax.set_title("INT8 vs FP16: size / accuracy")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(folder.root / "quant/size_accuracy.png", dpi=120)
+    plt.close(fig)
+
+
+def stage_quantize(ctx) -> None:
+    from kdtrain.runtime.backend import open_package
+    from kdtrain.student.model import StudentLM
+    from kdtrain.tokenizers.load import load_tokenizer
+
+    folder = ctx.folder
+    recipe: Recipe = ctx.contract("quant_recipe.yaml").recipe
+    coreml = ctx.contract("coreml_contract.json")
+    settings = recipe.resolve(student_modules(folder))
+    tokenizer = load_tokenizer(folder, "student")
+    calibration = build_calibration_set(recipe.calibration["samples"], recipe.calibration["seed"], tokenizer, max(coreml.lengths))
+    atomic.write_json(folder.root / "quant/calibration.json", {
+        "composition": recipe.calibration["samples"], "seed": recipe.calibration["seed"],
+        "tokens": {s["kind"]: len(s["ids"]) for s in calibration}, "samples": calibration,
+    })
+    folder.record("quant.calibration", "quant/calibration.json", "quant/calibration-set", "quantize")
+    student = StudentLM.from_pretrained(folder.path("student.checkpoint"))
+    stats = activation_stats(student, calibration)
+    atomic.write_json(folder.root / "quant/activation_stats.json", stats)
+    folder.record("quant.activation_stats", "quant/activation_stats.json", "quant/activation-stats", "quantize")
+    pad_id = tokenizer.transformers.pad_token_id
+    results = []
+    for length in tqdm(coreml.lengths, desc="quantize", unit="length"):
+        fp16 = folder.path(mlpackage_artifact(length))
+        rel = f"coreml/int8/student-L{length}.mlpackage"
+        quantize_package(fp16, folder.root / rel, settings)
+        folder.record(mlpackage_artifact(length, "int8"), rel, "coreml/mlpackage-multifunction", "quantize")
+        prompts = ab_prompts(calibration)
+        results.append(measure_ab(open_package(fp16), open_package(folder.root / rel), prompts, recipe.ab["decode_steps"],
+                                  length, pad_id, (package_size(fp16), package_size(folder.root / rel))))
+        print(f"quantize: {results[-1].summary()}")
+    atomic.write_json(folder.root / "quant/ab.json", [r.to_json() for r in results])
+    folder.record("quant.ab", "quant/ab.json", "quant/ab-report", "quantize")
+    _plots(folder, stats, results)
+    folder.record_stage("quantize", {"settings": {m: str(s) for m, s in settings.items()}})

@@ -1,0 +1,91 @@
+"""Quantization contracts fail on the right item: per-tensor where the recipe says per-channel,
+a norm weight quantized against the recipe, a pattern that matches nothing, an A/B delta
+beyond the bounds (a deliberately coarse recipe)."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from kdtrain.errors import ConfigError
+from kdtrain.quant.recipe import Keep, Quantize, Recipe, Rule
+
+INT8 = "coreml/int8/student-L64.mlpackage"
+FP16 = "coreml/fp16/student-L64.mlpackage"
+
+
+def _requantize(workspace, change) -> None:
+    """Quantize the L=64 FP16 package with the reference settings, changed by ``change``."""
+    from kdtrain.artifacts import ArtifactsFolder
+    from kdtrain.pipeline import StageContext
+    from kdtrain.quant.quantize import quantize_package
+    from kdtrain.quant.stage import student_modules
+
+    folder = ArtifactsFolder.open(workspace.artifacts)
+    recipe = StageContext(folder, workspace.contracts).contract("quant_recipe.yaml").recipe
+    settings = recipe.resolve(student_modules(folder))
+    change(settings)
+    quantize_package(workspace.artifacts / FP16, workspace.artifacts / INT8, settings)
+
+
+def test_per_tensor_where_the_recipe_says_per_channel_fails_conformance(workspace):
+    def per_tensor(settings):
+        settings["model.layers.1.self_attn.q_proj"] = Quantize("int8", "per_tensor", True)
+
+    _requantize(workspace, per_tensor)
+    result = workspace.run("-k", "conformance")
+    assert workspace.failed(result) == {"conformance[prefill-64]", "conformance[decode-64]"}
+    result.stdout.fnmatch_lines([
+        "*recipe conformance of prefill-64 in *int8/student-L64.mlpackage",
+        "*model.layers.1.self_attn.q_proj: expected int8 per_channel symmetric, found int8 per_tensor symmetric (constexpr_blockwise_shift_scale, scale [[]1, 1[]])",
+    ])
+
+
+def test_weight_kept_fp16_by_the_recipe_but_quantized_fails_conformance(workspace):
+    """The recipe keeps the halt head (and norms) FP16. coremltools' quantizer never compresses
+    the 1-D norm weights (they feed elementwise ops), so the planted case is the halt head."""
+
+    def quantize_kept(settings):
+        settings["halt_head"] = Quantize("int8", "per_tensor", True)
+
+    _requantize(workspace, quantize_kept)
+    result = workspace.run("-k", "conformance and 64")
+    assert workspace.failed(result) == {"conformance[prefill-64]", "conformance[decode-64]"}
+    result.stdout.fnmatch_lines(["*halt_head: expected keep fp16, found int8 (constexpr_blockwise_shift_scale)"])
+
+
+def test_pattern_that_matches_nothing_fails_coverage_and_quantize_refuses(workspace):
+    path = workspace.contracts / "quant_recipe.yaml"
+    data = yaml.safe_load(path.read_text())
+    data["rules"][0]["pattern"] = "model.layers.*.self_attn.*_projection"
+    path.write_text(yaml.safe_dump(data))
+    result = workspace.run("-k", "recipe_coverage")
+    assert workspace.failed(result) == {"recipe_coverage"}
+    result.stdout.fnmatch_lines(["*at rules[[]0[]].pattern: expected a pattern matching at least one module of the student, found none matching 'model.layers.*.self_attn.*_projection'"])
+
+    from kdtrain.pipeline import run_pipeline
+
+    with pytest.raises(ConfigError, match=r"rules\[0\]\.pattern"):
+        run_pipeline(workspace.artifacts, ["quantize"], contracts=workspace.contracts)
+
+
+def test_two_rules_claiming_a_module_differently_is_an_error():
+    recipe = Recipe((Rule("a", "model.norm", Keep()), Rule("b", "*norm", Quantize("int8", "per_tensor", True))), {}, {})
+    with pytest.raises(ConfigError, match=r"found 'model.norm' claimed by rules\[0\] \(keep fp16\) and rules\[1\] \(int8 per_tensor symmetric\)"):
+        recipe.resolve(["model.norm", "model.layers.0.input_layernorm"])
+
+
+def test_coarse_recipe_fails_ab(workspace):
+    def coarse(settings):
+        for module, setting in settings.items():
+            if isinstance(setting, Quantize):
+                settings[module] = Quantize("int4", "per_tensor", True)
+
+    _requantize(workspace, coarse)
+    result = workspace.run("-k", "ab and 64")
+    assert workspace.failed(result) == {"ab[64]"}
+    result.stdout.fnmatch_lines([
+        "*INT8 vs FP16 at L=64 [[]mil-reference[]]",
+        "*expected: within the recipe's ab bounds",
+        "*worst-step cosine *",
+    ])
