@@ -89,3 +89,47 @@ def test_coarse_recipe_fails_ab(workspace):
         "*expected: within the recipe's ab bounds",
         "*worst-step cosine *",
     ])
+
+
+def test_norm_weight_quantized_against_the_recipe_fails_conformance(reference_artifacts, test_contracts):
+    """coremltools 9 refuses to compress 1-D tensors (rdar://113860800), so a quantized norm
+    can only come from another tool: built here as a MIL program, checked by the same item."""
+    import numpy as np
+    from coremltools.converters.mil import Builder as mb
+
+    from kdtrain.artifacts import ArtifactsFolder
+    from kdtrain.quant.recipe import const_name
+    from kdtrain.quant.stage import student_modules
+    from pytest_kdcontracts.contracts.quant import check_conformance, parse
+    from pytest_kdcontracts.errors import ContractViolation
+    from pytest_kdcontracts.loader import load_contract
+
+    artifacts = ArtifactsFolder.open(reference_artifacts)
+    contract = parse(test_contracts / "quant_recipe.yaml", load_contract(test_contracts / "quant_recipe.yaml", "quant_recipe.schema.json"))
+    settings = contract.recipe.resolve(student_modules(artifacts))
+
+    @mb.program(input_specs=[mb.TensorSpec(shape=(1,))], opset_version=__import__("coremltools").target.iOS18)
+    def program(x):
+        outs = [x]
+        for module, setting in settings.items():
+            name = const_name(module)
+            if isinstance(setting, Quantize) or module == "model.norm":
+                rows = 576 if module == "model.norm" else 4
+                data = np.ones((rows,) if module == "model.norm" else (rows, 8), dtype=np.int8)
+                scale = np.ones((1,) if module == "model.norm" else (rows, 1), dtype=np.float16)
+                outs.append(mb.constexpr_blockwise_shift_scale(data=data, scale=scale, name=f"{name}_quantized"))
+            else:
+                outs.append(mb.const(val=np.ones((4,), dtype=np.float16), name=name))
+        return x
+
+    class Packages:
+        def mil(self, length, precision):
+            return type("P", (), {"functions": {"prefill": program.functions["main"]}})()
+
+        def package(self, length, precision):
+            return "synthetic.mlpackage"
+
+    with pytest.raises(ContractViolation) as info:
+        check_conformance(contract, "prefill", 64, artifacts, Packages())
+    assert "model.norm: expected keep fp16, found int8 (constexpr_blockwise_shift_scale)" in str(info.value)
+    assert sum("expected" in line for line in str(info.value).splitlines()[3:]) == 1  # only the norm
