@@ -53,7 +53,7 @@ def test_malformed_tokens_json_is_a_collection_error_through_pytest(pytester, fa
     result = pytester.runpytest_inprocess("--kd-contracts", str(folder), "-p", "no:cacheprovider", "--collect-only")
     result.assert_outcomes(errors=1)
     text = result.stdout.str()
-    assert f"contracts/tokens.json: invalid contract file" in text
+    assert "contracts/tokens.json: invalid contract file" in text
     assert f"at {fault.key_path}: expected " in text and ", found " in text
     assert "Traceback" not in text and "site-packages" not in text
 

@@ -53,17 +53,10 @@ def test_wrong_dtype_fails_io(workspace):
     result.stdout.fnmatch_lines(["*inputs: 'attention_mask' dtype expected int32, found float32"])
 
 
-def test_op_dropped_from_the_converter_islands_fails_islands(workspace, reference_artifacts, test_contracts):
+def test_op_dropped_from_the_converter_islands_fails_islands(workspace, reference_artifacts):
     """Convert with softmax missing from the islands the converter used; the contract still lists it."""
-    from kdtrain.coreml.stage import convert_length
-    from kdtrain.pipeline import StageContext
-    from kdtrain.student.model import StudentLM
-    from kdtrain.artifacts import ArtifactsFolder
-
-    ctx = StageContext(ArtifactsFolder.open(workspace.artifacts), test_contracts)
-    islands = tuple(i for i in ctx.contract("precision_islands.yaml").islands if "softmax" not in i.op_types)
-    student = StudentLM.from_pretrained(reference_artifacts / "student/checkpoint")
-    convert_length(student, 64, ctx.contract("coreml_contract.json"), ctx.contract("export_lint.yaml").rules, islands, workspace.artifacts / PACKAGE)
+    islands = workspace.stage_context().contract("precision_islands.yaml").islands
+    workspace.reconvert(reference_artifacts / "student/checkpoint", 64, tuple(i for i in islands if "softmax" not in i.op_types))
     result = workspace.run("-k", "islands")
     assert workspace.failed(result) == {"islands[prefill-64]", "islands[decode-64]"}
     result.stdout.fnmatch_lines([

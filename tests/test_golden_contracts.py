@@ -21,18 +21,6 @@ def golden_workspace(workspace):
     return workspace
 
 
-def _reconvert(workspace, reference_artifacts, test_contracts):
-    from kdtrain.artifacts import ArtifactsFolder
-    from kdtrain.coreml.stage import convert_length
-    from kdtrain.pipeline import StageContext
-    from kdtrain.student.model import StudentLM
-
-    ctx = StageContext(ArtifactsFolder.open(workspace.artifacts), test_contracts)
-    student = StudentLM.from_pretrained(reference_artifacts / "student/checkpoint")
-    convert_length(student, 64, ctx.contract("coreml_contract.json"), ctx.contract("export_lint.yaml").rules,
-                   ctx.contract("precision_islands.yaml").islands, workspace.artifacts / PACKAGE)
-
-
 def test_flipped_weight_bytes_fail_golden_and_consistency(golden_workspace):
     weights = golden_workspace.artifacts / PACKAGE / "Data/com.apple.CoreML/weights/weight.bin"
     data = bytearray(weights.read_bytes())
@@ -46,12 +34,12 @@ def test_flipped_weight_bytes_fail_golden_and_consistency(golden_workspace):
     result.stdout.fnmatch_lines(["*prefill-64 logits, mil-reference vs PyTorch*"])
 
 
-def test_fp16_mask_from_float32_min_gives_nan_and_fails(golden_workspace, reference_artifacts, test_contracts, monkeypatch):
+def test_fp16_mask_from_float32_min_gives_nan_and_fails(golden_workspace, reference_artifacts, monkeypatch):
     import kdtrain.export.programs as programs
 
     with monkeypatch.context() as patch:  # not monkeypatch.undo(): pytester's chdir is on it too
         patch.setattr(programs, "MASK_MIN", float(torch.finfo(torch.float32).min))
-        _reconvert(golden_workspace, reference_artifacts, test_contracts)
+        golden_workspace.reconvert(reference_artifacts / "student/checkpoint", 64)
     result = golden_workspace.run("-m", "golden", "-k", "64")
     assert golden_workspace.failed(result) == {"golden[prefill-64]", "golden[decode-64]", "prefill_decode[64]"}
     result.stdout.fnmatch_lines([
@@ -61,7 +49,7 @@ def test_fp16_mask_from_float32_min_gives_nan_and_fails(golden_workspace, refere
     ])
 
 
-def test_off_by_one_kv_index_fails_prefill_decode(golden_workspace, reference_artifacts, test_contracts, monkeypatch):
+def test_off_by_one_kv_index_fails_prefill_decode(golden_workspace, reference_artifacts, monkeypatch):
     import kdtrain.export.programs as programs
 
     class OffByOne(programs.DecodeProgram):
@@ -70,7 +58,7 @@ def test_off_by_one_kv_index_fails_prefill_decode(golden_workspace, reference_ar
 
     with monkeypatch.context() as patch:
         patch.setitem(programs.PROGRAMS, "decode", OffByOne)
-        _reconvert(golden_workspace, reference_artifacts, test_contracts)
+        golden_workspace.reconvert(reference_artifacts / "student/checkpoint", 64)
     result = golden_workspace.run("-m", "golden", "-k", "64")
     assert "prefill_decode[64]" in golden_workspace.failed(result)
     assert "golden[prefill-64]" not in golden_workspace.failed(result)

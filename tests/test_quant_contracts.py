@@ -16,14 +16,11 @@ FP16 = "coreml/fp16/student-L64.mlpackage"
 
 def _requantize(workspace, change) -> None:
     """Quantize the L=64 FP16 package with the reference settings, changed by ``change``."""
-    from kdtrain.artifacts import ArtifactsFolder
-    from kdtrain.pipeline import StageContext
     from kdtrain.quant.quantize import quantize_package
     from kdtrain.quant.stage import student_modules
 
-    folder = ArtifactsFolder.open(workspace.artifacts)
-    recipe = StageContext(folder, workspace.contracts).contract("quant_recipe.yaml").recipe
-    settings = recipe.resolve(student_modules(folder))
+    ctx = workspace.stage_context()
+    settings = ctx.contract("quant_recipe.yaml").recipe.resolve(student_modules(ctx.folder))
     change(settings)
     quantize_package(workspace.artifacts / FP16, workspace.artifacts / INT8, settings)
 

@@ -7,7 +7,6 @@ are recombined into one multifunction package, as the FP16 one.
 
 from __future__ import annotations
 
-import tempfile
 from pathlib import Path
 
 from kdtrain.coreml.convert import save_multifunction
