@@ -12,6 +12,12 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from kdtrain.errors import KDError
+
+
+class UnsupportedOpError(KDError):
+    """The executor met an op (or an op variant) it cannot run; the message names it."""
+
 
 # FP32 twins of read-only FP16 constants (weights), keyed by id; the source is kept alive
 # beside its twin so that an id cannot be reused while cached.
@@ -119,13 +125,13 @@ def cumsum(x, axis=0, exclusive=False, reverse=False):
 
 def concat(values, axis, interleave=False):
     if interleave:
-        raise NotImplementedError("concat with interleave=True")
+        raise UnsupportedOpError("concat with interleave=True is not implemented by the reference executor")
     return np.concatenate([np.asarray(v) for v in values], axis=int(axis))
 
 
 def gather(x, indices, axis=0, batch_dims=0, validate_indices=False):
     if int(batch_dims) != 0:
-        raise NotImplementedError("gather with batch_dims != 0")
+        raise UnsupportedOpError("gather with batch_dims != 0 is not implemented by the reference executor")
     indices = np.asarray(indices).astype(np.int64)
     indices = np.where(indices < 0, indices + x.shape[int(axis)], indices)
     return np.take(x, indices, axis=int(axis))

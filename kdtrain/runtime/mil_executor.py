@@ -16,18 +16,13 @@ from pathlib import Path
 import numpy as np
 
 from kdtrain.coreml.inspect import load_mil
-from kdtrain.errors import KDError
-from kdtrain.runtime.kernels import KERNELS, to_dtype
+from kdtrain.runtime.kernels import KERNELS, UnsupportedOpError, to_dtype
 
 _NP_DTYPES = {
     "fp16": np.float16, "fp32": np.float32, "fp64": np.float64,
     "int8": np.int8, "uint8": np.uint8, "int16": np.int16, "uint16": np.uint16,
     "int32": np.int32, "uint32": np.uint32, "int64": np.int64, "bool": np.bool_,
 }
-
-
-class UnsupportedOpError(KDError):
-    """The executor met an op it cannot run; the message names the op, its type and function."""
 
 
 def numpy_dtype(var) -> type | None:
