@@ -7,8 +7,8 @@ overridden artifact fixtures reach it like any test function.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, Callable
+from dataclasses import dataclass
+from typing import Callable
 
 from pytest_kdcontracts.errors import ContractViolation
 
@@ -21,7 +21,6 @@ class Check:
     fixtures: tuple[str, ...]
     marks: tuple[str, ...] = ()
     doc: str = ""
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def item_name(self) -> str:

@@ -6,7 +6,6 @@ inside the item that needs it, so that item fails with the message, not a setup 
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import pytest
 
@@ -46,13 +45,6 @@ def kd_session(request) -> KDSession:
     if session is None:
         pytest.fail("kdcontracts fixtures need --kd-contracts DIR", pytrace=False)
     return session
-
-
-@pytest.fixture(scope="session")
-def kd_artifacts_dir(kd_session) -> Path:
-    if kd_session.artifacts_dir is None:
-        raise ArtifactError(kd_session.manifest_error or "no artifacts folder")
-    return kd_session.artifacts_dir
 
 
 @pytest.fixture(scope="session")

@@ -21,7 +21,6 @@ class KDSession:
     artifacts_dir: Path | None = None
     outcomes: dict[str, Counter] = field(default_factory=lambda: defaultdict(Counter))
     skip_reasons: Counter = field(default_factory=Counter)
-    failed: list[str] = field(default_factory=list)
     keys: dict[str, str] = field(default_factory=dict)  # nodeid -> "file::check"
     notes: list[str] = field(default_factory=list)  # measured figures items report (kd_report)
 
@@ -93,8 +92,6 @@ class KDSession:
         self.outcomes[key][outcome] += 1
         if report.skipped and isinstance(report.longrepr, tuple):
             self.skip_reasons[report.longrepr[2]] += 1
-        if report.failed:
-            self.failed.append(report.nodeid)
 
     def summary(self) -> list[str]:
         lines = []

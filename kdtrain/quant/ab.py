@@ -65,7 +65,5 @@ def measure_ab(fp16, int8, prompts: list[list[int]], steps: int, length: int, pa
             token = int(np.argmax(la))
             sa, la = a.decode_step(sa, token)
             sb, lb = b.decode_step(sb, token)
-    worst = float(np.nanmin(cosines)) if cosines and not np.isnan(cosines).all() else float("nan")
-    if any(np.isnan(cosines)):
-        worst = float("nan")
+    worst = float(min(cosines)) if cosines and not np.isnan(cosines).any() else float("nan")
     return ABResult(length, getattr(fp16, "backend", "?"), len(usable), steps, worst, max_abs, agree / max(total, 1), nonfinite, *sizes)

@@ -50,6 +50,10 @@ class State:
         return self.values[name].copy()
 
 
+# Which keyword arguments each kernel takes, looked up once (not on every op of every call).
+_KERNEL_PARAMS = {name: frozenset(inspect.signature(kernel).parameters) for name, kernel in KERNELS.items()}
+
+
 class MILExecutor:
     def __init__(self, package: Path | str):
         self.package = Path(package)
@@ -128,10 +132,9 @@ class MILExecutor:
         elif op.op_type == "cast":
             out = np.asarray(args["x"])
         elif op.op_type in KERNELS:
-            kernel = KERNELS[op.op_type]
-            accepted = inspect.signature(kernel).parameters
+            accepted = _KERNEL_PARAMS[op.op_type]
             try:
-                out = kernel(**{k: v for k, v in args.items() if k in accepted})
+                out = KERNELS[op.op_type](**{k: v for k, v in args.items() if k in accepted})
             except Exception as exc:
                 raise UnsupportedOpError(f"{self.package}:{function}: op {op.name!r} ({op.op_type}) failed: {exc}") from None
         else:

@@ -23,19 +23,21 @@ def _prompt(c, kd_tokenizers, length: int) -> list[int]:
     return ids[: max(1, length - c.golden.decode_steps - 1)]
 
 
-def _run(host, function: str, prompt: list[int], token: int | None):
+def _run(host, function: str, prompt: list[int], token: int | None = None) -> tuple[np.ndarray, int]:
+    """Logits of ``function`` after prefilling ``prompt``; decode feeds ``token`` (default: the
+    prefill's greedy token). Returns the logits and the token decode was fed."""
     state, logits = host.prefill(prompt)
+    token = int(np.argmax(logits)) if token is None else token
     if function == "decode":
         state, logits = host.decode_step(state, token)
-    return logits
+    return logits, token
 
 
 def check_golden(c, function: str, length: int, kd_runtime, kd_tokenizers, snapshot) -> None:
     runtime = kd_runtime.for_length(length, c.host_api_version)
     prompt = _prompt(c, kd_tokenizers, length)
-    token = int(np.argmax(runtime.torch_host.prefill(prompt)[1]))
-    expected = _run(runtime.torch_host, function, prompt, token)
-    found = _run(runtime.host, function, prompt, token)
+    expected, token = _run(runtime.torch_host, function, prompt)
+    found, _ = _run(runtime.host, function, prompt, token)
     subject = f"{function}-{length} logits, {runtime.backend} vs PyTorch"
     agree = agreement(expected, found)
     if not agree.ok(c.golden.cosine_min):
