@@ -1,0 +1,221 @@
+"""The logit cache is trusted only as far as it verifies: a tampered entry (payload edited,
+teacher version changed, prompt changed) is never used; a crash mid-write never leaves an
+entry that reads as valid; a fill pass with failing calls loses no sample."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+from kdtrain.data.chat import Message
+from kdtrain.data.targets import TeacherTargets
+from kdtrain.errors import ArtifactError
+from kdtrain.teacher.base import BudgetExceeded, TeacherError, TeacherRequest, TeacherResponse
+from kdtrain.teacher.cache import MAGIC, Accept, TeacherCache, TeacherId, bytes_per_token, frame, scan
+from kdtrain.teacher.fill import fill_cache, retry_later
+
+TEACHER = TeacherId("SmolLM2-135M-Instruct", "v1")
+ACCEPT = Accept(TEACHER.name, (TEACHER.version,))
+
+
+def request(i: int, text: str = "") -> TeacherRequest:
+    text = text or f"<|im_start|>user\nquestion {i}<|im_end|>\n<|im_start|>assistant\n"
+    return TeacherRequest(f"s{i:03d}", (Message("user", f"question {i}"),), text, tuple(range(i, i + 7)), top_k=4)
+
+
+def response(seed: int, tokens: int = 5, k: int = 4) -> TeacherResponse:
+    rng = np.random.default_rng(seed)
+    logprobs = -np.sort(rng.exponential(2.0, (tokens, k)), axis=1).astype(np.float32)
+    return TeacherResponse(
+        text="x" * tokens, token_ids=rng.integers(0, 49152, tokens).astype(np.int32),
+        offsets=np.stack([np.arange(tokens), np.arange(1, tokens + 1)], 1).astype(np.int32),
+        topk_ids=rng.integers(0, 49152, (tokens, k)).astype(np.int32), topk_logprobs=logprobs,
+        prompt_tokens=7, completion_tokens=tokens,
+    )
+
+
+class FakeTeacher:
+    """Answers deterministically; fails the sample ids it is told to (a flaky API)."""
+
+    name, version = TEACHER.name, TEACHER.version
+
+    def __init__(self, failing=(), budget_after: int | None = None):
+        self.failing, self.budget_after, self.calls = set(failing), budget_after, []
+
+    def complete(self, req: TeacherRequest) -> TeacherResponse:
+        self.calls.append(req.sample_id)
+        if self.budget_after is not None and len(self.calls) > self.budget_after:
+            raise BudgetExceeded("max_calls 3 reached")
+        if req.sample_id in self.failing:
+            raise TeacherError(f"{req.sample_id}: HTTP 503 after 3 retries")
+        return response(int(req.sample_id[1:]))
+
+
+def filled(tmp_path, n: int = 3) -> TeacherCache:
+    cache = TeacherCache(tmp_path / "cache")
+    cache.append_many((request(i), TEACHER, response(i)) for i in range(n))
+    return TeacherCache(cache.folder)  # re-read from disk
+
+
+def test_entries_round_trip_with_fp16_log_probs(tmp_path):
+    cache = filled(tmp_path)
+    for i in range(3):
+        got, want = cache.lookup(request(i), ACCEPT).entry.response, response(i)
+        np.testing.assert_array_equal(got.topk_ids, want.topk_ids)
+        np.testing.assert_array_equal(got.offsets, want.offsets)
+        np.testing.assert_allclose(got.topk_logprobs, want.topk_logprobs.astype(np.float16), rtol=0)
+    assert cache.lookup(request(9), ACCEPT).reason == "missing"
+
+
+def test_storage_is_reported_against_full_vocabulary_logits(tmp_path):
+    stats = filled(tmp_path).stats(vocab_size=49152)
+    assert stats["tokens"] == 15 and stats["full_vocab_fp32_bytes_per_token"] == 49152 * 4
+    assert bytes_per_token(4) <= stats["bytes_per_token"] < 200  # headers amortised over 5 tokens
+    assert stats["compression"] > 1000
+
+
+def _edit(path, old: bytes, new: bytes) -> None:
+    data = path.read_bytes()
+    assert data.count(old) >= 1
+    path.write_bytes(data.replace(old, new, 1))
+
+
+def test_edited_payload_is_never_used(tmp_path, caplog):
+    cache = filled(tmp_path)
+    entry = cache.lookup(request(1), ACCEPT).entry
+    data = bytearray(cache.file.read_bytes())
+    data[scan(cache.file).entries[2].offset - 3] ^= 0x40  # last byte-pair of entry 1's FP16 log-probs
+    cache.file.write_bytes(bytes(data))
+    reread = TeacherCache(cache.folder)
+    assert reread.lookup(request(1), ACCEPT).entry is None
+    assert [o for o, _ in reread.contents.damaged] == [entry.offset]
+    assert "content hash does not verify" in reread.contents.damaged[0][1]
+    assert reread.lookup(request(0), ACCEPT).entry is not None and reread.lookup(request(2), ACCEPT).entry is not None
+    with caplog.at_level(logging.INFO, "kdtrain.data"):
+        seen = [ex.request.sample_id for ex in TeacherTargets([request(i) for i in range(3)], reread, ACCEPT)]
+    assert seen == ["s000", "s002"]
+    assert "missing teacher targets: 1/3 samples (33.3%)" in caplog.text
+
+
+def test_edited_teacher_version_is_never_used(tmp_path):
+    cache = filled(tmp_path, 1)
+    _edit(cache.file, b'"version":"v1"', b'"version":"v2"')
+    reread = TeacherCache(cache.folder)
+    assert reread.lookup(request(0), Accept(TEACHER.name, ("v1", "v2"))).entry is None
+    assert "content hash does not verify" in reread.contents.damaged[0][1]
+
+
+def test_entry_from_another_teacher_version_is_refused_even_if_it_verifies(tmp_path):
+    cache = TeacherCache(tmp_path / "cache")
+    cache.append(request(0), TeacherId(TEACHER.name, "v0-old"), response(0))
+    found = TeacherCache(cache.folder).lookup(request(0), ACCEPT)
+    assert found.entry is None
+    assert found.reason == "teacher SmolLM2-135M-Instruct v0-old, expected SmolLM2-135M-Instruct at v1"
+
+
+def test_entry_for_a_changed_prompt_is_refused(tmp_path):
+    cache = filled(tmp_path, 1)
+    changed = request(0, "<|im_start|>user\nquestion 0 (edited)<|im_end|>\n<|im_start|>assistant\n")
+    assert cache.lookup(changed, ACCEPT).reason == "prompt changed since it was cached (prompt SHA-256 differs)"
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(cut=st.integers(min_value=1, max_value=len(frame(request(2), TEACHER, response(2))) - 1))
+def test_a_write_cut_anywhere_leaves_only_whole_entries_and_the_next_append_repairs_it(tmp_path_factory, cut):
+    cache = filled(tmp_path_factory.mktemp("torn"), 3)
+    size = cache.file.stat().st_size
+    last = scan(cache.file).entries[-1].offset
+    os.truncate(cache.file, last + cut)
+    torn = TeacherCache(cache.folder)
+    assert [e.sample_id for e in torn] == ["s000", "s001"] and torn.contents.torn_tail == cut
+    assert not torn.contents.damaged
+    torn.append(request(2), TEACHER, response(2))
+    assert cache.file.stat().st_size == size
+    assert [e.sample_id for e in TeacherCache(cache.folder)] == ["s000", "s001", "s002"]
+
+
+def test_kill_9_during_appends_leaves_every_complete_entry_valid(tmp_path):
+    folder = tmp_path / "cache"
+    writer = textwrap.dedent(f"""
+        import sys
+        sys.path.insert(0, {str(os.path.dirname(__file__))!r})
+        from test_teacher_cache import request, response, TEACHER
+        from kdtrain.teacher.cache import TeacherCache
+        cache = TeacherCache({str(folder)!r})
+        i = 0
+        while True:
+            cache.append(request(i % 1000), TEACHER, response(i % 1000, tokens=2000, k=8))
+            i += 1
+            if i == 3:
+                print("started", flush=True)
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", writer], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "started"
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    cache = TeacherCache(folder)
+    found = cache.contents
+    assert len(found.entries) >= 3 and not found.damaged and found.unreadable_at is None
+    for entry in found.entries:
+        i = int(entry.sample_id[1:])
+        np.testing.assert_array_equal(entry.response.topk_ids, response(i, tokens=2000, k=8).topk_ids)
+    cache.append(request(999), TEACHER, response(999))  # cuts any torn tail, then appends
+    assert not scan(cache.file).torn_tail
+
+
+def test_unreadable_bytes_stop_appends_instead_of_being_cut_off(tmp_path):
+    cache = filled(tmp_path, 2)
+    data = cache.file.read_bytes()
+    cache.file.write_bytes(data.replace(MAGIC, b"JUNK", 2).replace(b"JUNK", MAGIC, 1))
+    with pytest.raises(ArtifactError, match=r"entries.kdtc: expected cache frames, found unreadable bytes at offset \d+"):
+        TeacherCache(cache.folder).append(request(5), TEACHER, response(5))
+    assert cache.file.read_bytes() == data.replace(MAGIC, b"JUNK", 2).replace(b"JUNK", MAGIC, 1)
+
+
+def test_with_30_percent_of_calls_failing_no_sample_is_lost_and_the_retry_pass_completes(tmp_path):
+    requests = [request(i) for i in range(40)]
+    failing = {r.sample_id for r in requests[::10] + requests[3::10] + requests[7::10]}
+    cache = TeacherCache(tmp_path / "cache")
+    first = fill_cache(cache, FakeTeacher(failing), requests, ACCEPT)
+    assert first.fetched == 28 and set(first.retry_later) == failing == set(retry_later(cache))
+    cached = {e.sample_id for e in TeacherCache(cache.folder)}
+    assert cached | failing == {r.sample_id for r in requests} and not cached & failing
+
+    second_teacher = FakeTeacher()
+    second = fill_cache(TeacherCache(cache.folder), second_teacher, requests, ACCEPT)
+    assert sorted(second_teacher.calls) == sorted(failing) and second.hits == 28 and not second.retry_later
+    assert retry_later(cache) == {}
+    targets = TeacherTargets(requests, TeacherCache(cache.folder), ACCEPT)
+    assert len(list(targets)) == 40 and targets.missing_ratio == 0
+
+
+def test_an_exhausted_budget_stops_asking_and_lists_the_rest(tmp_path):
+    requests = [request(i) for i in range(6)]
+    report = fill_cache(TeacherCache(tmp_path / "c"), FakeTeacher(budget_after=3), requests, ACCEPT)
+    assert report.fetched == 3
+    assert set(report.retry_later) == {"s003", "s004", "s005"}
+    assert all(r.startswith("budget exhausted") for r in report.retry_later.values())
+
+
+def test_a_tampered_entry_is_refetched_by_the_next_fill(tmp_path):
+    cache = TeacherCache(tmp_path / "cache")
+    cache.append(request(0), TeacherId(TEACHER.name, "v0-old"), response(0))
+    teacher = FakeTeacher()
+    report = fill_cache(TeacherCache(cache.folder), teacher, [request(0)], ACCEPT)
+    assert teacher.calls == ["s000"] and "v0-old" in report.refused["s000"]
+    assert TeacherCache(cache.folder).lookup(request(0), ACCEPT).entry.teacher == TEACHER
+
+
+def test_a_teacher_the_reader_would_refuse_cannot_fill(tmp_path):
+    with pytest.raises(TeacherError, match="expected SmolLM2-135M-Instruct at v2"):
+        fill_cache(TeacherCache(tmp_path), FakeTeacher(), [request(0)], Accept(TEACHER.name, ("v2",)))
