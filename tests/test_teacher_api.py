@@ -370,3 +370,33 @@ def test_the_local_teacher_through_the_server(tmp_path, clock):
                 np.testing.assert_array_equal(got.topk_ids, want.topk_ids)
                 np.testing.assert_allclose(got.topk_logprobs, want.topk_logprobs, atol=1e-4)
                 np.testing.assert_array_equal(got.offsets, want.offsets)
+
+
+def test_a_fill_pass_with_30_percent_of_api_calls_failing_loses_no_sample(serve, clock, tmp_path, caplog):
+    """Through the real client and cache: every sample ends cached or on the retry-later
+    list, never both, never neither; the next pass (server healthy) completes the list."""
+    from kdtrain.data.targets import TeacherTargets
+    from kdtrain.teacher.cache import Accept, TeacherCache
+    from kdtrain.teacher.fill import fill_cache, retry_later
+
+    server = serve(faults=Faults(fraction=0.3, seed=5), timeout_delay_s=1.5, retry_after_s=0.5)
+    client = make_client(server, clock, timeout_s=0.5, retry=RetryPolicy(max_retries=0))
+    accept = Accept(client.name, (client.version,))
+    requests = [make_request(i) for i in range(40)]
+    cache = TeacherCache(tmp_path / "cache")
+    first = fill_cache(cache, client, requests, accept)
+    cached = {e.sample_id for e in TeacherCache(cache.folder)}
+    listed = set(retry_later(cache))
+    assert listed == set(first.retry_later) and len(listed) == sum(server.record.faults.values()) > 0
+    assert cached | listed == {r.sample_id for r in requests} and not cached & listed
+    with caplog.at_level(logging.INFO, "kdtrain.data"):
+        assert len(list(TeacherTargets(requests, TeacherCache(cache.folder), accept))) == 40 - len(listed)
+    assert f"missing teacher targets: {len(listed)}/40 samples" in caplog.text
+
+    server.set_faults(Faults())
+    second = fill_cache(TeacherCache(cache.folder), client, requests, accept)
+    assert second.fetched == len(listed) and second.hits == 40 - len(listed) and not second.retry_later
+    for request in requests:  # the cache stores log-probs in FP16
+        want = TEACHER.complete(request)
+        assert_same(TeacherCache(cache.folder).lookup(request, accept).entry.response,
+                    replace(want, topk_logprobs=want.topk_logprobs.astype(np.float16).astype(np.float32)))
