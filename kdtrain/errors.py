@@ -15,6 +15,10 @@ class ConfigError(KDError):
     """A configuration or input file is invalid."""
 
 
+class DataError(KDError):
+    """Distillation data is unreadable, fails its checksum, or cannot be used with the target runtime."""
+
+
 def located(file: object, key: str | None, expected: str, found: object) -> str:
     """The one message format: ``file: at key: expected …, found …``."""
     where = f"{file}" + (f": at {key}" if key else "")

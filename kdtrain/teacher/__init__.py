@@ -1,1 +1,2 @@
-"""The teacher: SmolLM2-135M-Instruct from its GGUF file (local), later API teachers too."""
+"""The teacher: one interface (:mod:`kdtrain.teacher.base`), the local SmolLM2-135M backend and an
+OpenAI-compatible API client, and the self-verifying logit cache the trainer reads."""

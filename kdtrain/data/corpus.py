@@ -1,0 +1,172 @@
+"""The distillation corpus: typed samples, one folder on disk, and the reference corpus.
+
+A corpus folder holds ``corpus.jsonl`` (one sample per line, sorted keys) and ``corpus.json``
+(dataset version, tool-schema and orchestrator versions, seed, sample count, SHA-256 of the
+lines). Every sample records the versions it was written against, so that data from an older
+tool schema is migrated or refused instead of teaching the student calls the runtime rejects.
+The reference corpus is generated offline from templates (``kdtrain.data.templates``) and a
+seed: the same seed gives byte-identical files.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from kdtrain import atomic
+from kdtrain.data.chat import Message
+from kdtrain.errors import DataError, located
+
+CORPUS_JSONL = "corpus.jsonl"
+CORPUS_JSON = "corpus.json"
+
+Scenario = Literal["single_call", "multi_step", "code_mode", "large_payload", "pii", "plain", "plain_thinking"]
+SCENARIOS: tuple[str, ...] = Scenario.__args__
+# Scenarios worth orchestrating in code (several calls, a payload that should stay out of the
+# context, personal data that should not pass through the model): eligible for code mode.
+CODE_MODE_SCENARIOS = frozenset({"multi_step", "code_mode", "large_payload", "pii"})
+
+
+class Eligibility(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    code_mode: bool
+
+
+class SampleMeta(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    tool_schema_version: str
+    orchestrator_version: str
+    scenario: Scenario
+    eligible: Eligibility
+    seed: int
+    invalid: tuple[str, ...] | None = None  # causes the validation pass found (``on_invalid="mark"``)
+
+
+class Sample(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    id: str = Field(min_length=1)
+    messages: tuple[Message, ...] = Field(min_length=1)
+    meta: SampleMeta
+
+    def line(self) -> str:
+        """The sample as one line of ``corpus.jsonl`` (sorted keys: stable bytes)."""
+        return json.dumps(self.model_dump(mode="json", exclude_none=True), sort_keys=True, ensure_ascii=False)
+
+
+class CorpusInfo(BaseModel):
+    """``corpus.json``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    dataset_version: int = Field(ge=1)
+    tool_schema_version: str
+    orchestrator_version: str
+    seed: int
+    samples: int = Field(ge=0)
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+
+
+def _pydantic_problem(file: Path, where: str, error: ValidationError) -> DataError:
+    item = error.errors()[0]
+    key = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in item["loc"]).lstrip(".")
+    expected = item["msg"][0].lower() + item["msg"][1:]
+    return DataError(located(file, f"{where}{key or '(top level)'}", expected, repr(item.get("input"))))
+
+
+def _read_json(file: Path, where: str, text: str) -> object:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise DataError(located(file, where.rstrip(", ") or None, "valid JSON", f"{exc.msg} at column {exc.colno}")) from None
+
+
+@dataclass(frozen=True)
+class Corpus:
+    samples: tuple[Sample, ...]
+    tool_schema_version: str
+    orchestrator_version: str
+    seed: int
+    dataset_version: int = 1
+
+    def jsonl(self) -> bytes:
+        return "".join(s.line() + "\n" for s in self.samples).encode("utf-8")
+
+    def info(self) -> CorpusInfo:
+        return CorpusInfo(dataset_version=self.dataset_version, tool_schema_version=self.tool_schema_version,
+                          orchestrator_version=self.orchestrator_version, seed=self.seed, samples=len(self.samples),
+                          sha256=hashlib.sha256(self.jsonl()).hexdigest())
+
+    def replace(self, **changes) -> "Corpus":
+        return dataclasses.replace(self, **changes)
+
+    def save(self, folder: Path | str) -> Path:
+        """Write both files into a fresh folder swapped in whole: a reader never sees half a corpus."""
+        folder = Path(folder)
+        with atomic.directory(folder) as tmp:
+            atomic.write_bytes(tmp / CORPUS_JSONL, self.jsonl())
+            atomic.write_json(tmp / CORPUS_JSON, self.info().model_dump(mode="json"))
+        return folder
+
+    @classmethod
+    def load(cls, folder: Path | str) -> "Corpus":
+        """Read and verify a corpus folder; a DataError names the file, line and key of any fault."""
+        folder = Path(folder)
+        meta_file, lines_file = folder / CORPUS_JSON, folder / CORPUS_JSONL
+        for file in (meta_file, lines_file):
+            if not file.is_file():
+                raise DataError(located(file, None, f"a corpus folder ({CORPUS_JSON} + {CORPUS_JSONL})", "no such file"))
+        try:
+            info = CorpusInfo.model_validate(_read_json(meta_file, "", meta_file.read_text(encoding="utf-8")))
+        except ValidationError as exc:
+            raise _pydantic_problem(meta_file, "", exc) from None
+        data = lines_file.read_bytes()
+        samples, seen = [], {}
+        for number, raw in enumerate(data.splitlines(), start=1):
+            where = f"line {number}, "
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise DataError(located(lines_file, f"line {number}", "UTF-8 text", f"undecodable byte at column {exc.start + 1}")) from None
+            try:
+                sample = Sample.model_validate(_read_json(lines_file, where, text))
+            except ValidationError as exc:
+                raise _pydantic_problem(lines_file, where, exc) from None
+            if sample.id in seen:
+                raise DataError(located(lines_file, f"{where}id", f"a sample id not used before (also at line {seen[sample.id]})", repr(sample.id)))
+            seen[sample.id] = number
+            samples.append(sample)
+        if len(samples) != info.samples:
+            raise DataError(located(meta_file, "samples", f"the number of lines of {CORPUS_JSONL} ({len(samples)})", info.samples))
+        found = hashlib.sha256(data).hexdigest()
+        if found != info.sha256:
+            raise DataError(located(lines_file, None, f"sha256 {info.sha256} (as {CORPUS_JSON} records)", f"sha256 {found}: the file changed after it was written"))
+        return cls(tuple(samples), info.tool_schema_version, info.orchestrator_version, info.seed, info.dataset_version)
+
+
+def build_reference_corpus(registry, samples_per_scenario: int, seed: int) -> Corpus:
+    """Samples of every scenario written against ``registry`` (a ToolRegistry); reproducible from ``seed``."""
+    from kdtrain.data.templates import BUILDERS, REFERENCE_TOOLS
+
+    missing = sorted(set(REFERENCE_TOOLS) - set(registry.names))
+    if missing:
+        raise DataError(located(registry.file, "tools", f"the reference corpus's tools {list(REFERENCE_TOOLS)}", f"no tool named {missing}"))
+    samples = []
+    for scenario in SCENARIOS:
+        for index in range(samples_per_scenario):
+            # One generator per sample (a string seed hashes stably): a sample depends on
+            # (seed, id) only, so adding a scenario does not reshuffle the others.
+            rng = random.Random(f"{seed}/{scenario}/{index}")
+            meta = SampleMeta(tool_schema_version=registry.tool_schema_version, orchestrator_version=registry.orchestrator_version,
+                              scenario=scenario, eligible=Eligibility(code_mode=scenario in CODE_MODE_SCENARIOS), seed=seed)
+            samples.append(Sample(id=f"{scenario}-{index:04d}", messages=tuple(BUILDERS[scenario](rng, registry)), meta=meta))
+    return Corpus(tuple(samples), registry.tool_schema_version, registry.orchestrator_version, seed)

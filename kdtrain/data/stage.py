@@ -1,0 +1,38 @@
+"""Pipeline stage ``data``: the reference corpus, generated, validated against the tool registry.
+
+``data/raw/`` is the corpus as generated (with any planted noise), ``data/corpus/`` what
+validation kept (or marked), ``data/validation_report.json`` what it found: later stages
+(the teacher, training) read ``data.corpus`` only, through the manifest.
+"""
+
+from __future__ import annotations
+
+from kdtrain import atomic
+from kdtrain.data.corpus import build_reference_corpus
+from kdtrain.data.noise import plant_noise
+from kdtrain.data.settings import CorpusSettings
+from kdtrain.data.validate import validate_corpus
+from kdtrain.pipeline import StageContext
+
+RAW, CORPUS, REPORT = "data/raw", "data/corpus", "data/validation_report.json"
+
+
+def stage_data(ctx: StageContext, settings: CorpusSettings | None = None) -> None:
+    """``settings`` default to the ``corpus`` section of ``distill_data.yaml``."""
+    settings = settings or ctx.contract("distill_data.yaml").corpus
+    folder = ctx.folder
+    registry = ctx.contract("tool_registry.json")
+    raw = build_reference_corpus(registry, settings.samples_per_scenario, settings.seed)
+    if settings.noise:
+        raw = plant_noise(raw, registry, settings.noise, settings.seed)
+    raw.save(folder.root / RAW)
+    corpus, report = validate_corpus(raw, registry, settings.on_invalid)
+    corpus.save(folder.root / CORPUS)
+    atomic.write_json(folder.root / REPORT, report.to_json())
+    folder.record("data.raw", RAW, "corpus/jsonl", "data")
+    folder.record("data.corpus", CORPUS, "corpus/jsonl", "data")
+    folder.record("data.validation_report", REPORT, "report/data-validation", "data")
+    folder.record_stage("data", {"samples_per_scenario": settings.samples_per_scenario, "seed": settings.seed, "noise": settings.noise,
+                                 "on_invalid": settings.on_invalid, "tool_schema_version": registry.tool_schema_version,
+                                 "orchestrator_version": registry.orchestrator_version, "samples": report.total,
+                                 "invalid": report.invalid, "corruption_rate": round(report.corruption_rate, 6)})

@@ -1,0 +1,171 @@
+"""``tool_registry.json``: the corpus artifact was written for the target runtime's tool schema
+(versions compatible), every tool call in it validates against the registry, and every
+scenario kind is present with consistent code-mode eligibility.
+
+The checks look at the samples a trainer would use: those not marked invalid by the
+validation pass (marked ones are counted in ``data.validation_report`` instead).
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from functools import partial
+from pathlib import Path
+from typing import Iterator
+
+from kdtrain.data.registry import ToolRegistry, parse_version
+from pytest_kdcontracts.check import Check, fail
+from pytest_kdcontracts.errors import ContractFileError, Problem
+from pytest_kdcontracts.loader import describe, key_path
+
+UNREGISTERED = "unregistered"
+CORPUS = "data.corpus"
+
+
+def _tool_problems(tools: list[dict]) -> list[Problem]:
+    from jsonschema import Draft202012Validator
+    from jsonschema.exceptions import SchemaError
+
+    problems, seen = [], {}
+    for i, tool in enumerate(tools):
+        if tool["name"] in seen:
+            problems.append(Problem(f"tools[{i}].name", f"a name not used before (also at tools[{seen[tool['name']]}])", repr(tool["name"])))
+        seen.setdefault(tool["name"], i)
+        try:
+            Draft202012Validator.check_schema(tool["parameters"])
+        except SchemaError as exc:
+            problems.append(Problem(key_path(["tools", i, "parameters", *exc.absolute_path]), "a valid JSON Schema (draft 2020-12)", exc.message))
+        properties = sorted(tool["parameters"]["properties"])
+        problems += [Problem(f"tools[{i}].parameters.required[{j}]", f"a key of parameters.properties {properties}", repr(name))
+                     for j, name in enumerate(tool["parameters"]["required"]) if name not in properties]
+    return problems
+
+
+def _undo_steps(i: int, migration: dict, state: dict[str, dict], problems: list[Problem]) -> dict[str, dict]:
+    """The tools (name -> field schemas) before ``migration``, checking each step against the tools after it."""
+    from jsonschema import Draft202012Validator
+
+    state = {name: dict(fields) for name, fields in state.items()}
+    for j, step in reversed(list(enumerate(migration["steps"]))):
+        kind, body = next(iter(step.items()))
+        at, version = f"migrations[{i}].steps[{j}].{kind}", migration["to"]
+        tool_key = "to" if kind == "rename_tool" else "tool"
+        if body[tool_key] not in state:
+            problems.append(Problem(f"{at}.{tool_key}", f"a tool of version {version} after this step {sorted(state)}", repr(body[tool_key])))
+            continue
+        if kind == "rename_tool":
+            state[body["from"]] = state.pop(body["to"])
+            continue
+        fields = state[body["tool"]]
+        field_key = "to" if kind == "rename_field" else "field"
+        if body[field_key] not in fields:
+            problems.append(Problem(f"{at}.{field_key}", f"a field of {body['tool']} at version {version} {sorted(fields)}", repr(body[field_key])))
+        elif kind == "rename_field":
+            state[body["tool"]] = {(body["from"] if k == body["to"] else k): v for k, v in fields.items()}
+        else:
+            if not Draft202012Validator(fields[body["field"]]).is_valid(body["default"]):
+                problems.append(Problem(f"{at}.default", f"a value valid for {body['tool']}.{body['field']} {json.dumps(fields[body['field']])}", describe(body["default"])))
+            del fields[body["field"]]
+    return state
+
+
+def _migration_problems(data: dict) -> list[Problem]:
+    """Migrations form a chain ending at tool_schema_version; each step names tools and fields of its target version."""
+    current, problems = data["tool_schema_version"], []
+    tools_at = {current: {t["name"]: dict(t["parameters"]["properties"]) for t in data["tools"]}}
+    pending, starts = [], {}
+    for i, m in enumerate(data["migrations"]):
+        if parse_version(m["from"]) >= parse_version(m["to"]):
+            problems.append(Problem(f"migrations[{i}].from", f"a version older than its 'to' ({m['to']})", repr(m["from"])))
+        elif m["from"] in starts:
+            problems.append(Problem(f"migrations[{i}].from", f"a version no other migration starts from (also migrations[{starts[m['from']]}])", repr(m["from"])))
+        else:
+            starts[m["from"]] = i
+            pending.append((i, m))
+    while ready := [(i, m) for i, m in pending if m["to"] in tools_at]:
+        for i, m in ready:
+            tools_at[m["from"]] = _undo_steps(i, m, tools_at[m["to"]], problems)
+            pending.remove((i, m))
+    problems += [Problem(f"migrations[{i}].to", f"a version on the chain ending at tool_schema_version {current!r} (reachable: {sorted(tools_at)})", repr(m["to"]))
+                 for i, m in pending]
+    return problems
+
+
+def parse(path: Path, data: dict) -> ToolRegistry:
+    problems = _tool_problems(data["tools"])
+    problems += _migration_problems(data) if not problems else []
+    if problems:
+        raise ContractFileError(str(path), problems)
+    return ToolRegistry.from_json(path, data)
+
+
+def _usable_samples(r: ToolRegistry, kd_artifacts):
+    """The corpus artifact's samples not marked invalid; an unreadable corpus fails the item."""
+    from kdtrain.data.corpus import Corpus
+    from kdtrain.errors import DataError
+
+    path = kd_artifacts.path(CORPUS)
+    try:
+        corpus = Corpus.load(path)
+    except DataError as exc:
+        fail(r.file.name, f"the corpus artifact {CORPUS}", "a readable, unmodified corpus folder", f"\n    {exc}")
+    return path, [s for s in corpus.samples if not s.meta.invalid]
+
+
+def _listed(lines: list[str], limit: int = 12) -> str:
+    more = f"\n    … {len(lines) - limit} more" if len(lines) > limit else ""
+    return "\n    " + "\n    ".join(lines[:limit]) + more
+
+
+def check_versions(r: ToolRegistry, kd_artifacts) -> None:
+    from kdtrain.data.validate import incompatible_versions
+
+    path, samples = _usable_samples(r, kd_artifacts)
+    found = [f"{s.id}: {key} {version!r}" for s in samples for key, version, _ in incompatible_versions(s, r)]
+    if found:
+        fail(r.file.name, f"versions of the samples of {CORPUS} ({path})",
+             f"compatible with tool_schema_version {r.tool_schema_version} and orchestrator_version {r.orchestrator_version} (same major, minor <= the registry's)",
+             f"{len(found)} incompatible:" + _listed(found),
+             "distillation refuses data whose version is incompatible with the target runtime's: migrate it (kdtrain migrate-data)")
+
+
+def check_calls(r: ToolRegistry, tool: str | None, kd_artifacts) -> None:
+    """Every call of ``tool`` (None: of any name the registry does not have) validates."""
+    from kdtrain.data.validate import check_call, incompatible_versions, sample_calls
+
+    path, samples = _usable_samples(r, kd_artifacts)
+    calls, problems = 0, []
+    for sample in samples:
+        if incompatible_versions(sample, r):
+            continue  # read against another schema: corpus_versions reports it
+        for call in sample_calls(sample, r):
+            if (call.tool if call.tool in r.names else None) == tool:
+                calls += 1
+                problems += [f"{sample.id}: {f.cause}: {f.detail}" for f in check_call(call, r)]
+    if problems:
+        subject = f"calls of {tool}" if tool else "calls of tools the registry does not have"
+        expected = f"arguments valid against the parameters of {tool}" if tool else f"only the registry's tools {list(r.names)}"
+        fail(r.file.name, f"{subject} in {CORPUS} ({path})", expected, f"{len(problems)} invalid of {calls} call(s):" + _listed(problems))
+
+
+def check_scenarios(r: ToolRegistry, kd_artifacts) -> None:
+    from kdtrain.data.corpus import CODE_MODE_SCENARIOS, SCENARIOS
+
+    path, samples = _usable_samples(r, kd_artifacts)
+    counts = Counter(s.meta.scenario for s in samples)
+    problems = [f"no sample of scenario {name!r}" for name in SCENARIOS if not counts[name]]
+    problems += [f"{s.id}: scenario {s.meta.scenario!r} with eligible.code_mode {s.meta.eligible.code_mode} (expected {s.meta.scenario in CODE_MODE_SCENARIOS})"
+                 for s in samples if s.meta.eligible.code_mode != (s.meta.scenario in CODE_MODE_SCENARIOS)]
+    if problems:
+        fail(r.file.name, f"scenarios of {CORPUS} ({path})",
+             f"every scenario {list(SCENARIOS)} present, code_mode eligible exactly for {sorted(CODE_MODE_SCENARIOS)}",
+             _listed(problems).lstrip(), f"present: {dict(sorted(counts.items()))}")
+
+
+def checks(r: ToolRegistry) -> Iterator[Check]:
+    yield Check("corpus_versions", (), partial(check_versions, r), ("kd_artifacts",), doc="every sample's versions are compatible with the registry's")
+    for tool in r.names:
+        yield Check("corpus_calls", (tool,), partial(check_calls, r, tool), ("kd_artifacts",), doc=f"every call of {tool} in the corpus validates")
+    yield Check("corpus_calls", (UNREGISTERED,), partial(check_calls, r, None), ("kd_artifacts",), doc="the corpus calls no tool the registry lacks")
+    yield Check("scenario_coverage", (), partial(check_scenarios, r), ("kd_artifacts",), doc="every scenario present, eligibility consistent")

