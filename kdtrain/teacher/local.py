@@ -45,11 +45,13 @@ class LocalTeacher:
             return self._generate(request)
 
     def _score(self, request: TeacherRequest, offsets: list[tuple[int, int]]) -> TeacherResponse:
-        ids = torch.tensor([request.ids])
-        logprobs = torch.log_softmax(self.model(ids).logits[0].float(), -1).numpy()  # [N, V]
         wanted = [i for i in range(1, len(request.ids))
                   if any(offsets[i][0] < end and offsets[i][1] > start for start, end in request.score_spans)]
-        k_ids, k_lp = top_k(logprobs[[i - 1 for i in wanted]], request.top_k)
+        # The vocabulary projection only where a target is wanted: [N, V] logits of a
+        # several-KB tool result would cost more than the whole transformer.
+        hidden = self.model.model(torch.tensor([request.ids])).last_hidden_state[0]  # [N, H]
+        logits = self.model.lm_head(hidden[[i - 1 for i in wanted]]).float()  # [T, V]
+        k_ids, k_lp = top_k(torch.log_softmax(logits, -1).numpy(), request.top_k)
         return TeacherResponse(
             text=request.text,
             token_ids=np.asarray([request.ids[i] for i in wanted], np.int32),
