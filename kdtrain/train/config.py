@@ -1,0 +1,357 @@
+"""The trainer's one configuration: a typed, frozen ``DistillConfig`` read from YAML.
+
+Everything a run depends on is in it, so its fingerprint (SHA-256 of the canonical JSON
+form) identifies the run: a checkpoint stores the canonical form and the fingerprint, and a
+resume under a different configuration is refused unless each changed key is allow-listed
+in ``resume.allow_changes`` (see :func:`diff` and ``kdtrain.train.checkpoint.check_resume``).
+
+Steps count from 0: ``step`` is the number of optimizer steps already taken, i.e. the index
+of the step being computed. A curriculum stage covers the steps from the previous stage's
+``until_step`` (0 for the first) up to, not including, its own ``until_step``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Hashable
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Annotated, Any, Literal, get_args
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_core import PydanticCustomError
+
+from kdtrain.errors import ConfigError, located
+
+LossName = Literal["kl", "ce", "tool_name", "tool_args", "tool_integration", "length", "halt",
+                   "early_tool_call", "code_mode", "intermediate"]
+LOSS_NAMES: tuple[str, ...] = get_args(LossName)
+
+Weight = Annotated[float, Field(ge=0)]
+Count = Annotated[int, Field(ge=1)]
+
+
+def _invalid(key: tuple, expected: str, found: object) -> PydanticCustomError:
+    """A validation error at ``key`` (relative to the validated model) in the project's words."""
+    return PydanticCustomError("kd_invalid", "expected {expected}, found {found}",
+                               {"key": key, "expected": expected, "found": repr(found)})
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Losses(_Section):
+    """Base weight of each loss (0 switches it off) and the losses' own settings."""
+
+    kl: Weight = 1.0
+    ce: Weight = 0.0
+    tool_name: Weight = 0.0
+    tool_args: Weight = 0.0
+    tool_integration: Weight = 0.0
+    length: Weight = 0.0
+    halt: Weight = 0.0
+    early_tool_call: Weight = 0.0
+    code_mode: Weight = 0.0
+    intermediate: Weight = 0.0
+    kl_temperature: float = Field(2.0, gt=0)
+    kl_direction: Literal["forward", "reverse"] = "forward"
+    length_excess: float = Field(0.15, ge=0)  # answers longer than the teacher's by more than this fraction pay
+    intermediate_layers: tuple[tuple[Annotated[int, Field(ge=0)], Annotated[int, Field(ge=0)]], ...] = ()  # (student, teacher)
+
+    @model_validator(mode="after")
+    def _layers_for_intermediate(self) -> "Losses":
+        if self.intermediate > 0 and not self.intermediate_layers:
+            raise _invalid(("intermediate_layers",), "[student_layer, teacher_layer] pairs since intermediate > 0", [])
+        return self
+
+
+class Stage(_Section):
+    name: str = Field(min_length=1)
+    until_step: Count
+    scale: dict[LossName, Weight] = {}  # loss -> multiplier of its base weight; absent = 1.0
+
+
+class Data(_Section):
+    artifacts: Path  # the artifacts folder the data and teacher stages wrote
+    slice: Count | None = None  # train on the first N samples only (smoke runs)
+    batch_size: Count = 8
+    max_length: Count = 512
+    seed: int = Field(0, ge=0)
+    tool_schema_version: str = Field(pattern=r"^\d+\.\d+$")  # the target runtime's; the data must be compatible
+
+
+class Teacher(_Section):
+    name: str = Field(min_length=1)
+    versions: tuple[Annotated[str, Field(min_length=1)], ...] = Field(min_length=1)  # cached targets of these only
+    # As the cache was filled (contracts/distill_data.yaml): both are part of each entry's prompt hash.
+    top_k: Count = 8
+    max_new_tokens: Count = 128
+
+
+class Student(_Section):
+    artifact: str = Field("student.checkpoint", min_length=1)  # the initial checkpoint, by artifact name
+
+
+class Optim(_Section):
+    lr: float = Field(gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    betas: tuple[Annotated[float, Field(ge=0, lt=1)], Annotated[float, Field(ge=0, lt=1)]] = (0.9, 0.95)
+    warmup_steps: int = Field(0, ge=0)
+    schedule: Literal["constant", "cosine"] = "cosine"
+    steps: Count
+    grad_clip: float | None = Field(1.0, gt=0)  # max global grad norm; None = no clipping
+    seed: int = Field(0, ge=0)
+
+    @model_validator(mode="after")
+    def _warmup_within_run(self) -> "Optim":
+        if self.warmup_steps > self.steps:
+            raise _invalid(("warmup_steps",), f"at most steps ({self.steps})", self.warmup_steps)
+        return self
+
+    def lr_scale(self, step: int) -> float:
+        """Multiplier of ``lr`` at ``step``: linear warmup, then constant or cosine down to 0."""
+        if step < self.warmup_steps:
+            return (step + 1) / self.warmup_steps
+        if self.schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - self.warmup_steps) / max(1, self.steps - self.warmup_steps))
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+class Balance(_Section):
+    """Per-loss gradient norms every few steps; an alert when one term dominates (kdtrain.train.balance)."""
+
+    every_n_steps: Count = 5
+    ratio: float = Field(8.0, gt=1)  # one term's norm over every other's; 5..10 is typical
+    window: Count = 3  # measurements averaged before the ratio is judged
+    smoke_steps: Count = 24  # the smoke run that gates a fresh run (every step measured)
+    override: bool = False  # start even when the smoke run alerts (logged as an override)
+
+
+class Checkpoint(_Section):
+    every_n_steps: Count = 100
+    keep_last: Count = 3
+    dir: str = "checkpoints"  # relative to the run folder
+
+    @field_validator("dir")
+    @classmethod
+    def _inside_run(cls, value: str) -> str:
+        pure = PurePosixPath(value)
+        if not value or pure.is_absolute() or ".." in pure.parts:
+            raise _invalid((), "a relative path inside the run folder", value)
+        return value
+
+
+class Budgets(_Section):
+    """Totals over the whole run, resumes included; None = unlimited."""
+
+    teacher_calls: int | None = Field(None, ge=0)
+    teacher_tokens: int | None = Field(None, ge=0)
+    gpu_hours: float | None = Field(None, ge=0)
+    tokens: int | None = Field(None, ge=0)  # training tokens seen by the student
+
+
+class Resume(_Section):
+    allow_changes: tuple[str, ...] = ()  # dotted key paths (or prefixes: "curriculum", "optim") that may differ
+
+
+class DistillConfig(_Section):
+    losses: Losses = Losses()
+    curriculum: tuple[Stage, ...] = ()
+    data: Data
+    teacher: Teacher
+    student: Student = Student()
+    optim: Optim
+    balance: Balance = Balance()
+    checkpoint: Checkpoint = Checkpoint()
+    budgets: Budgets = Budgets()
+    shapes: tuple[Count, ...] = (512, 1024, 2048, 4096)  # enumerated sequence lengths of the export
+    resume: Resume = Resume()
+
+    @field_validator("curriculum")
+    @classmethod
+    def _ordered_stages(cls, stages: tuple[Stage, ...]) -> tuple[Stage, ...]:
+        for i, stage in enumerate(stages):
+            if stage.name in (s.name for s in stages[:i]):
+                raise _invalid((i, "name"), "a stage name used once", stage.name)
+            if i and stage.until_step <= stages[i - 1].until_step:
+                raise _invalid((i, "until_step"), f"more than the previous stage's ({stages[i - 1].until_step})", stage.until_step)
+        return stages
+
+    @field_validator("shapes")
+    @classmethod
+    def _increasing_shapes(cls, shapes: tuple[int, ...]) -> tuple[int, ...]:
+        if not shapes or list(shapes) != sorted(set(shapes)):
+            raise _invalid((), "strictly increasing sequence lengths", list(shapes))
+        return shapes
+
+    @model_validator(mode="after")
+    def _allow_changes_name_keys(self) -> "DistillConfig":
+        keys = _flatten(self.canonical())
+        for i, path in enumerate(self.resume.allow_changes):
+            if not any(_under(key, path) for key in keys):
+                raise _invalid(("resume", "allow_changes", i), "a key path of this configuration (e.g. optim.lr)", path)
+        return self
+
+    def canonical(self) -> dict[str, Any]:
+        """The JSON form that the fingerprint hashes and checkpoints store."""
+        return self.model_dump(mode="json")
+
+    def fingerprint(self) -> str:
+        return fingerprint_of(self.canonical())
+
+    def loss_weights(self, step: int) -> dict[str, float]:
+        """Each loss's weight at ``step``: base weight times the scale of the stage holding ``step``."""
+        stage = next((s for s in self.curriculum if step < s.until_step), self.curriculum[-1] if self.curriculum else None)
+        scale = stage.scale if stage else {}
+        return {name: getattr(self.losses, name) * scale.get(name, 1.0) for name in LOSS_NAMES}
+
+
+def fingerprint_of(canonical: dict[str, Any]) -> str:
+    """``"sha256:<hex>"`` of the canonical JSON (sorted keys, no whitespace)."""
+    text = json.dumps(canonical, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    return "sha256:" + hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+# --- diff ----------------------------------------------------------------------------------
+
+class _Absent:
+    def __repr__(self) -> str:
+        return "(absent)"
+
+
+ABSENT = _Absent()  # the value of a key that one side of a diff does not have
+
+
+@dataclass(frozen=True)
+class Change:
+    key: str  # dotted path, e.g. "losses.kl"; a list is one key (compared whole)
+    old: Any
+    new: Any
+
+    def __str__(self) -> str:
+        return f"{self.key}: {_show(self.old)} -> {_show(self.new)}"
+
+
+def _show(value: Any) -> str:
+    return repr(value) if value is ABSENT else json.dumps(value, ensure_ascii=False)
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Dotted key -> value; nested dicts are opened, lists are leaves."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def _under(key: str, path: str) -> bool:
+    return key == path or key.startswith(path + ".")
+
+
+def diff(old: dict[str, Any], new: dict[str, Any]) -> list[Change]:
+    """Changed keys of two canonical configs, sorted by key.
+
+    Lists (curriculum, betas, shapes, …) are compared whole: a curriculum with one stage
+    edited is one change at ``curriculum``, shown old and new in full. A key only one side
+    has is a change from or to :data:`ABSENT`.
+    """
+    before, after = _flatten(old), _flatten(new)
+    return [Change(key, before.get(key, ABSENT), after.get(key, ABSENT))
+            for key in sorted(before.keys() | after.keys()) if before.get(key, ABSENT) != after.get(key, ABSENT)]
+
+
+def allowed(change: Change, paths: tuple[str, ...]) -> bool:
+    """Whether ``change`` falls under one of the allow-listed key paths (or their prefixes)."""
+    return any(_under(change.key, path) for path in paths)
+
+
+# --- loading -------------------------------------------------------------------------------
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML keeps the last of two equal keys; a silently overridden loss weight is refused instead."""
+
+
+def _construct_unique_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    loader.flatten_mapping(node)
+    seen = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if isinstance(key, Hashable):  # an unhashable key is construct_mapping's to report
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
+            seen.add(key)
+    return loader.construct_mapping(node, deep=deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_unique_mapping)
+
+
+def _key(parts: list) -> str:
+    return "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in parts).lstrip(".") or "(top level)"
+
+
+def _known_keys(parts: list) -> list[str]:
+    """The keys allowed at the mapping ``parts`` points into."""
+    model: type[BaseModel] | None = DistillConfig
+    for part in parts:
+        if isinstance(part, int) or model is None:
+            continue
+        annotation = model.model_fields[part].annotation
+        model = next((a for a in (annotation, *get_args(annotation)) if isinstance(a, type) and issubclass(a, BaseModel)), None)
+    return sorted(model.model_fields) if model else []
+
+
+_EXPECTED = {  # pydantic's wording for these reads badly after "expected"
+    "string_pattern_mismatch": "a string matching {pattern}",
+    "string_too_short": "at least {min_length} character(s)",
+    "too_short": "at least {min_length} item(s)",
+    "too_long": "at most {max_length} item(s)",
+}
+
+
+def _messages(file: Path, error: ValidationError) -> str:
+    lines = []
+    for item in error.errors():
+        parts = [p for p in item["loc"] if p != "[key]"]
+        ctx = item.get("ctx") or {}
+        if item["type"] == "kd_invalid":
+            key, expected, found = _key(parts + list(ctx["key"])), ctx["expected"], ctx["found"]
+        elif item["type"] == "extra_forbidden":
+            key, expected, found = _key(parts), f"one of the keys {', '.join(_known_keys(parts[:-1]))}", f"unknown key {parts[-1]!r}"
+        elif item["type"] == "missing":
+            key, expected, found = _key(parts), "a value (required)", "no such key" if isinstance(parts[-1], str) else "nothing"
+        elif item["type"] in _EXPECTED:
+            key, expected, found = _key(parts), _EXPECTED[item["type"]].format(**ctx), repr(item.get("input"))
+        else:
+            key, expected, found = _key(parts), item["msg"].removeprefix("Input should be "), repr(item.get("input"))
+        lines.append(located(file, key, expected, found))
+    return "\n".join(lines)
+
+
+def load_config(path: Path | str) -> DistillConfig:
+    """Read and validate a YAML config; a :class:`ConfigError` names file, key, expected, found."""
+    path = Path(path)
+    try:
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)
+    except OSError as exc:
+        raise ConfigError(located(path, None, "a readable YAML file", exc.strerror or exc)) from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(located(path, None, "UTF-8 text", f"undecodable byte at offset {exc.start}")) from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1} column {mark.column + 1}" if mark else ""
+        raise ConfigError(located(path, None, "valid YAML", f"{getattr(exc, 'problem', None) or exc}{where}")) from None
+    if not isinstance(data, dict):
+        raise ConfigError(located(path, None, f"a mapping of sections ({', '.join(DistillConfig.model_fields)})", type(data).__name__))
+    try:
+        return DistillConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_messages(path, exc)) from None
