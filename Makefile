@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 # Rebuilt when kdtrain's code or the contracts change; each stage rewrites its own part atomically.
-$(ARTIFACTS)/manifest.json: $(STAMP) $(shell find kdtrain -name '*.py') $(wildcard contracts/*)
+$(ARTIFACTS)/manifest.json: $(STAMP) $(shell find kdtrain -name '*.py') $(wildcard contracts/*) $(wildcard configs/*)
 	$(VENV)/bin/kdtrain pipeline --out $(ARTIFACTS)
 
 artifacts: $(ARTIFACTS)/manifest.json
@@ -32,11 +32,13 @@ contracts: artifacts
 
 demo: contracts
 
-# After an intentional change: rewrite the golden vectors (syrupy snapshots in golden/).
+# After an intentional change: rewrite the golden vectors and the ablation baselines
+# (syrupy snapshots in golden/).
 golden: artifacts
-	$(PY) -m pytest --kd-contracts contracts --kd-artifacts $(ARTIFACTS) -m golden --snapshot-update -q
+	$(PY) -m pytest --kd-contracts contracts --kd-artifacts $(ARTIFACTS) -m "golden or ablations" --snapshot-update -q
 
-# Executor vs PyTorch eager, as a printed ratio (pytest-benchmark), on the demo artifacts.
+# Printed ratios (pytest-benchmark) on the demo artifacts: executor vs PyTorch eager; the
+# trainer's tokens/s with KD vs plain CE (on the GPU when there is one).
 bench: artifacts
 	$(PY) -m pytest benchmarks -q -s -p no:cacheprovider
 

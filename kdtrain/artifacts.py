@@ -9,6 +9,11 @@ Layout (each stage owns one sub-folder; later stages add theirs)::
     migration/audit.json       the vocab migration's audit log
     student/checkpoint/        config.json + model.safetensors (transformers folder)
     student/init.json          how the student was initialised from the teacher
+    data/raw/, data/corpus/    the reference corpus as generated, and as validation kept it
+    data/validation_report.json
+    teacher/cache/, teacher/report.json   the teacher's top-k targets and the fill report
+    distill/run/               the distillation run: checkpoints, log.jsonl, smoke.json, grad_norms.png
+    student/distilled/         the distilled student (what export, convert and quantize read)
 
 Artifacts are named (``tokenizer.runtime``), never located by path in contracts, so a
 stage can move its files without touching a contract.
@@ -29,6 +34,7 @@ from kdtrain.errors import ArtifactError, located
 
 MANIFEST = "manifest.json"
 MANIFEST_VERSION = 1
+INITIAL, DISTILLED = "student.checkpoint", "student.distilled"
 
 
 class ArtifactEntry(BaseModel):
@@ -149,6 +155,22 @@ class ArtifactsFolder:
         entry = ArtifactEntry(path=relpath, kind=kind, stage=stage, sha256=sha256_path(self.root / relpath))
         self.manifest.artifacts[name] = entry
         self.save()
+
+    def exported_student(self) -> str:
+        """The student checkpoint the export stages and the plugin read, by artifact name.
+
+        The distilled one once the distill stage has run, provided it was trained from the
+        current initial checkpoint; a stale one is an error, never exported silently.
+        """
+        if DISTILLED not in self.manifest.artifacts:
+            return INITIAL
+        source = self.manifest.stages["distill"].settings.get("student") if "distill" in self.manifest.stages else None
+        current = f"{INITIAL} sha256:{self.entry(INITIAL).sha256}"
+        if source != current:
+            raise ArtifactError(located(self.root / MANIFEST, "stages.distill.settings.student",
+                                        f"{DISTILLED} trained from the current {current} (re-run: kdtrain pipeline --stages distill)",
+                                        source))
+        return DISTILLED
 
     def record_stage(self, stage: str, settings: dict[str, Any]) -> None:
         now = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")

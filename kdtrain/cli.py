@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 
 from kdtrain.errors import KDError
@@ -11,8 +12,25 @@ from kdtrain.errors import KDError
 def _pipeline(args: argparse.Namespace) -> int:
     from kdtrain.pipeline import run_pipeline
 
-    folder = run_pipeline(args.out, args.stages.split(",") if args.stages else None, args.contracts)
+    folder = run_pipeline(args.out, args.stages.split(",") if args.stages else None, args.contracts, args.distill_config)
     print(f"artifacts written to {folder.root} ({len(folder.manifest.artifacts)} artifacts in manifest.json)")
+    return 0
+
+
+def _distill(args: argparse.Namespace) -> int:
+    from kdtrain.train.config import load_config
+    from kdtrain.train.loop import Distiller, World
+
+    config = load_config(args.config)
+    world = World.from_env()
+    if not world.main:  # every rank logs the same lines; rank 0 speaks for them
+        logging.getLogger("kdtrain").setLevel(logging.WARNING)
+    distiller = Distiller(config, args.run_dir, artifacts=args.artifacts, world=world)
+    result = distiller.train(stop_after=args.steps, override_balance=args.override_balance)
+    if world.main:
+        stopped = f" (stopped: {result.stopped})" if result.stopped else ""
+        print(f"{args.run_dir}: step {result.step} of {config.optim.steps}{stopped}; {len(result.alerts)} balance alert(s); "
+              f"log {args.run_dir}/log.jsonl")
     return 0
 
 
@@ -24,6 +42,68 @@ def _fingerprint(args: argparse.Namespace) -> int:
     return 0
 
 
+def _validate_data(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from kdtrain import atomic
+    from kdtrain.data.corpus import Corpus
+    from kdtrain.data.registry import load_registry
+    from kdtrain.data.validate import validate_corpus
+
+    registry, corpus = load_registry(args.registry), Corpus.load(args.corpus)
+    validated, report = validate_corpus(corpus, registry, args.on_invalid)
+    out = validated.save(args.out)
+    report_file = Path(args.report) if args.report else out / "validation_report.json"
+    atomic.write_json(report_file, report.to_json())
+    print(f"validated {args.corpus}: {report.summary()}")
+    print(f"corpus written to {out} ({len(validated.samples)} samples), report to {report_file}")
+    return 0
+
+
+def _migrate_data(args: argparse.Namespace) -> int:
+    from kdtrain.data.corpus import Corpus
+    from kdtrain.data.migrate import migrate_corpus
+    from kdtrain.data.registry import load_registry
+
+    registry, corpus = load_registry(args.registry), Corpus.load(args.corpus)
+    migrated, report = migrate_corpus(corpus, registry)
+    migrated.save(args.out)
+    print(f"{args.corpus}: {report.summary()}; written to {args.out}")
+    return 0
+
+
+def _build_corpus(args: argparse.Namespace) -> int:
+    from kdtrain.data.corpus import build_reference_corpus
+    from kdtrain.data.registry import load_registry
+
+    corpus = build_reference_corpus(load_registry(args.registry), args.per_scenario, args.seed)
+    corpus.save(args.out)
+    print(f"reference corpus written to {args.out} ({len(corpus.samples)} samples, sha256 {corpus.info().sha256})")
+    return 0
+
+
+def _add_data_commands(sub) -> None:
+    registry = {"default": "contracts/tool_registry.json", "help": "tool registry the data must fit (default: %(default)s)"}
+    validate = sub.add_parser("validate-data", help="validate a corpus folder's tool calls against the tool registry")
+    validate.add_argument("corpus", metavar="CORPUS_DIR")
+    validate.add_argument("--registry", **registry)
+    validate.add_argument("--out", required=True, help="folder for the validated corpus")
+    validate.add_argument("--on-invalid", choices=("drop", "mark"), default="drop", help="drop invalid samples or keep them with meta.invalid")
+    validate.add_argument("--report", help="report file (default: OUT/validation_report.json)")
+    validate.set_defaults(func=_validate_data)
+    migrate = sub.add_parser("migrate-data", help="rewrite a corpus folder to the registry's tool-schema version")
+    migrate.add_argument("corpus", metavar="CORPUS_DIR")
+    migrate.add_argument("--registry", **registry)
+    migrate.add_argument("--out", required=True, help="folder for the migrated corpus")
+    migrate.set_defaults(func=_migrate_data)
+    build = sub.add_parser("build-corpus", help="generate the reference corpus (same seed, same bytes)")
+    build.add_argument("--registry", **registry)
+    build.add_argument("--out", required=True, help="corpus folder to write")
+    build.add_argument("--per-scenario", type=int, default=6, help="samples per scenario (default: %(default)s)")
+    build.add_argument("--seed", type=int, default=1234)
+    build.set_defaults(func=_build_corpus)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from kdtrain.pipeline import STAGES
 
@@ -33,7 +113,16 @@ def build_parser() -> argparse.ArgumentParser:
     pipeline.add_argument("--out", required=True, help="artifacts folder to write")
     pipeline.add_argument("--stages", help=f"comma-separated subset of: {','.join(STAGES)}")
     pipeline.add_argument("--contracts", default="contracts", help="contract folder the stages read (shapes, islands, lint rules)")
+    pipeline.add_argument("--distill-config", default="configs/distill_reference.yaml", help="the trainer's config (distill stage)")
     pipeline.set_defaults(func=_pipeline)
+    distill = sub.add_parser("distill", help="distil the student from the cached teacher targets (resumes a run folder)")
+    distill.add_argument("--config", required=True, help="DistillConfig YAML (configs/distill_reference.yaml)")
+    distill.add_argument("--run-dir", required=True, help="run folder: checkpoints, log.jsonl, smoke.json, grad_norms.png")
+    distill.add_argument("--artifacts", help="artifacts folder with the corpus, teacher cache and student (default: data.artifacts)")
+    distill.add_argument("--steps", type=int, help="stop after this many more steps (default: to optim.steps)")
+    distill.add_argument("--override-balance", action="store_true",
+                         help="start even if the smoke run's balance check fails (logged)")
+    distill.set_defaults(func=_distill)
     for stage in ("export", "convert", "quantize"):
         one = sub.add_parser(stage, help=f"run the {stage} stage alone (same as pipeline --stages {stage})")
         one.add_argument("--out", required=True, help="artifacts folder to update")
@@ -42,11 +131,13 @@ def build_parser() -> argparse.ArgumentParser:
     fingerprint = sub.add_parser("fingerprint", help="print the meaning fingerprint of tokenizer folders or tokenizer.json files")
     fingerprint.add_argument("paths", nargs="+")
     fingerprint.set_defaults(func=_fingerprint)
+    _add_data_commands(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     try:
         return args.func(args)
     except KDError as exc:

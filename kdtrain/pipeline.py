@@ -25,6 +25,7 @@ class StageContext:
 
     folder: ArtifactsFolder
     contracts: Path
+    distill_config: Path = Path("configs/distill_reference.yaml")  # the trainer's config (distill stage)
 
     def contract(self, file_name: str) -> Any:
         """A contract file, schema-validated and typed by the plugin's family for it."""
@@ -79,6 +80,30 @@ def stage_student(ctx: StageContext) -> None:
     folder.record_stage("student", {"teacher_layers": record.teacher_layers, "parameters": record.parameters})
 
 
+def _stage_data(ctx: StageContext) -> None:
+    from kdtrain.data.stage import stage_data
+
+    stage_data(ctx)
+
+
+def _stage_teacher(ctx: StageContext) -> None:
+    from kdtrain.teacher.stage import stage_teacher
+
+    stage_teacher(ctx)
+
+
+def _stage_distill(ctx: StageContext) -> None:
+    from kdtrain.train.stage import stage_distill
+
+    stage_distill(ctx)
+
+
+def _stage_ablations(ctx: StageContext) -> None:
+    from kdtrain.train.stage import stage_ablations
+
+    stage_ablations(ctx)
+
+
 def _stage_export(ctx: StageContext) -> None:
     from kdtrain.export.stage import stage_export
 
@@ -99,15 +124,20 @@ def _stage_quantize(ctx: StageContext) -> None:
 
 STAGES: dict[str, Callable[[StageContext], None]] = {
     "tokenizers": stage_tokenizers,
+    "data": _stage_data,
     "student": stage_student,
+    "teacher": _stage_teacher,
+    "distill": _stage_distill,
+    "ablations": _stage_ablations,
     "export": _stage_export,
     "convert": _stage_convert,
     "quantize": _stage_quantize,
 }
 
 
-def run_pipeline(out: Path | str, stages: list[str] | None = None, contracts: Path | str = "contracts") -> ArtifactsFolder:
-    ctx = StageContext(ArtifactsFolder.create(out), Path(contracts))
+def run_pipeline(out: Path | str, stages: list[str] | None = None, contracts: Path | str = "contracts",
+                 distill_config: Path | str = StageContext.distill_config) -> ArtifactsFolder:
+    ctx = StageContext(ArtifactsFolder.create(out), Path(contracts), Path(distill_config))
     folder = ctx.folder
     names = stages or list(STAGES)
     unknown = [s for s in names if s not in STAGES]

@@ -1,8 +1,11 @@
-"""Golden vectors as syrupy snapshots: stored as ``.npz`` under the top-level ``golden/``,
-compared by cosine with the contract's tolerance (never a NaN or an Inf), not byte equality.
+"""Golden vectors and ablation baselines as syrupy snapshots under the top-level ``golden/``.
 
-Following syrupy's split: :class:`GoldenRecord` is the value, :class:`GoldenArrays` says
-where and how it is stored (a ``SingleFileSnapshotExtension``) and how it is compared.
+Golden vectors are ``.npz``, compared by cosine with the contract's tolerance (never a NaN
+or an Inf), not byte equality; ablation baselines are JSON, compared metric by metric within
+a tolerance and by greedy-token agreement.
+
+Following syrupy's split: :class:`GoldenRecord` (or a dict) is the value, the extension
+(a ``SingleFileSnapshotExtension``) says where and how it is stored and how it is compared.
 """
 
 from __future__ import annotations
@@ -14,6 +17,8 @@ from pathlib import Path
 
 import numpy as np
 from syrupy.extensions.single_file import SingleFileSnapshotExtension, WriteMode
+
+from pytest_kdcontracts.check import fail
 
 
 @dataclass(frozen=True)
@@ -101,3 +106,75 @@ class GoldenArrays(SingleFileSnapshotExtension):
 def extension_for(golden_dir: Path, cosine_min: float) -> type[GoldenArrays]:
     """A GoldenArrays bound to one contract's folder and tolerance (syrupy takes a class)."""
     return type("GoldenArrays", (GoldenArrays,), {"golden_dir": golden_dir, "cosine_min": cosine_min})
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    metric_rel: float  # a metric may move by this fraction of the baseline's value...
+    metric_abs: float  # ...or by this much, whichever is larger
+    sample_agreement: float  # share of greedy tokens that must equal the baseline's
+
+
+class BaselineResults(SingleFileSnapshotExtension):
+    """One ablation experiment's results (metrics, sample outputs) as a JSON snapshot,
+    compared within the contract's tolerance: training numerics differ across CPUs."""
+
+    file_extension = "json"
+    _write_mode = WriteMode.TEXT
+    golden_dir: Path | None = None
+    tolerance = Tolerance(0.1, 0.02, 0.5)
+
+    def serialize(self, data: dict, **kwargs) -> str:
+        return json.dumps(data, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
+
+    @classmethod
+    def dirname(cls, *, test_location) -> str:
+        return str(Path(cls.golden_dir or super().dirname(test_location=test_location)) / test_location.basename)
+
+    def problems(self, serialized_data: str, snapshot_data: str) -> list[str]:
+        new, old = json.loads(serialized_data), json.loads(snapshot_data)
+        t, found = self.tolerance, []
+        if new.get("terms") != old.get("terms") or new.get("protocol") != old.get("protocol"):
+            found.append(f"experiment changed: terms {old.get('terms')} -> {new.get('terms')}, "
+                         f"protocol {old.get('protocol')} -> {new.get('protocol')}")
+            return found
+        for name in sorted(old["metrics"].keys() | new["metrics"].keys()):
+            before, after = old["metrics"].get(name), new["metrics"].get(name)
+            if before is None or after is None:
+                found.append(f"metric {name}: only in the {'baseline' if after is None else 'new run'}")
+            elif not abs(after - before) <= max(t.metric_abs, t.metric_rel * abs(before)):
+                found.append(f"metric {name}: {after:.4g}, baseline {before:.4g} "
+                             f"(allowed ±{max(t.metric_abs, t.metric_rel * abs(before)):.3g})")
+        for before, after in zip(old["samples"], new["samples"]):
+            a, b = before["tokens"], after["tokens"]
+            same = sum(x == y for x, y in zip(a, b)) / max(len(a), len(b), 1)
+            if same < t.sample_agreement:
+                found.append(f"sample {before['sample']}: {same:.0%} of greedy tokens as the baseline's "
+                             f"(need {t.sample_agreement:.0%}): {after['text']!r}, baseline {before['text']!r}")
+        if len(old["samples"]) != len(new["samples"]):
+            found.append(f"{len(new['samples'])} sample outputs, baseline {len(old['samples'])}")
+        return found
+
+    def matches(self, *, serialized_data, snapshot_data) -> bool:
+        return not self.problems(serialized_data, snapshot_data)
+
+    def diff_lines(self, serialized_data, snapshot_data):
+        yield from self.problems(serialized_data, snapshot_data)
+
+
+def baseline_extension_for(golden_dir: Path, tolerance: Tolerance) -> type[BaselineResults]:
+    return type("BaselineResults", (BaselineResults,), {"golden_dir": golden_dir, "tolerance": tolerance})
+
+
+def assert_snapshot(snapshot, extension: type, value, contract: str, missing: str, mismatch: str, expected: str, mark: str) -> None:
+    """``value`` against its stored snapshot through ``extension``; the standard violation if it
+    is missing (``missing`` names it) or does not match (``mismatch``, with the extension's problems)."""
+    assertion = snapshot.use_extension(extension)
+    if assertion == value:
+        return
+    result = assertion.executions[assertion.num_executions - 1]
+    if result.recalled_data is None:
+        fail(contract, missing, f"a snapshot at {result.snapshot_location}",
+             f"none (write it with: pytest --kd-contracts … -m {mark} --snapshot-update)")
+    problems = assertion.extension.problems(result.asserted_data, result.recalled_data)
+    fail(contract, f"{mismatch} ({result.snapshot_location})", expected, "\n    " + "\n    ".join(problems))

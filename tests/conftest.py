@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Callable
 
 import pytest
+import yaml
 
 from kdtrain import atomic
 
@@ -19,6 +20,8 @@ REPO = Path(__file__).resolve().parents[1]
 # The reference contracts at two short lengths: every Core ML item is still generated per
 # length, but export and conversion stay fast on two cores. `make demo` runs all four.
 TEST_LENGTHS = [64, 128]
+# Fewer samples per corpus scenario than the demo: the teacher scores each one.
+TEST_SAMPLES_PER_SCENARIO = 3
 
 
 @pytest.fixture(scope="session")
@@ -28,7 +31,43 @@ def test_contracts(tmp_path_factory) -> Path:
     coreml = json.loads((folder / "coreml_contract.json").read_text())
     coreml["enumerated_shapes"]["values"] = TEST_LENGTHS
     (folder / "coreml_contract.json").write_text(json.dumps(coreml, indent=2))
+    data = yaml.safe_load((folder / "distill_data.yaml").read_text())
+    data["corpus"]["samples_per_scenario"] = TEST_SAMPLES_PER_SCENARIO
+    (folder / "distill_data.yaml").write_text(yaml.safe_dump(data))
+    ablations = yaml.safe_load((folder / "ablations.yaml").read_text())
+    ablations["protocol"] = TEST_ABLATIONS
+    (folder / "ablations.yaml").write_text(yaml.safe_dump(ablations))
     return folder
+
+
+# The reference trainer config cut to a few short steps: samples up to 200 student tokens
+# (plain answers, thinking, single tool calls), two per batch.
+TEST_DISTILL = {
+    "data.batch_size": 2, "data.max_length": 200, "optim.steps": 3, "optim.warmup_steps": 1,
+    "balance.every_n_steps": 2, "balance.window": 1, "balance.smoke_steps": 1, "checkpoint.every_n_steps": 2,
+    "curriculum": [{"name": "imitate", "until_step": 2, "scale": {"halt": 0.0}},
+                   {"name": "latent", "until_step": 3, "scale": {"length": 0.0}}],
+}
+# The ablation protocol cut down the same way (the demo runs contracts/ablations.yaml's).
+TEST_ABLATIONS = {"slice": 4, "steps": 2, "samples": 1, "sample_tokens": 6}
+
+
+def distill_config_data(artifacts: Path | str, **changes) -> dict:
+    """configs/distill_reference.yaml with TEST_DISTILL and ``changes`` (dotted keys) applied."""
+    data = yaml.safe_load((REPO / "configs/distill_reference.yaml").read_text())
+    data["data"]["artifacts"] = str(artifacts)
+    for key, value in {**TEST_DISTILL, **changes}.items():
+        *parents, last = key.split(".")
+        node = data
+        for part in parents:
+            node = node[part]
+        node[last] = value
+    return data
+
+
+def write_distill_config(path: Path, artifacts: Path | str, **changes) -> Path:
+    path.write_text(yaml.safe_dump(distill_config_data(artifacts, **changes)))
+    return path
 
 
 @pytest.fixture(scope="session")
@@ -36,9 +75,19 @@ def reference_artifacts(tmp_path_factory, test_contracts) -> Path:
     """`kdtrain pipeline` output, built once; never mutate it (use ``workspace.artifacts``)."""
     from kdtrain.pipeline import run_pipeline
 
-    out = tmp_path_factory.mktemp("reference") / "artifacts"
-    run_pipeline(out, contracts=test_contracts)
+    root = tmp_path_factory.mktemp("reference")
+    out = root / "artifacts"
+    config = write_distill_config(root / "distill.yaml", out)
+    run_pipeline(out, contracts=test_contracts, distill_config=config)
     return out
+
+
+def _link_unless_appendable(src: str, dst: str) -> None:
+    """Hard-link a reference file; copy the teacher cache, which a re-run appends to."""
+    if src.endswith(".kdtc"):
+        shutil.copy2(src, dst)
+    else:
+        os.link(src, dst)
 
 
 class Workspace:
@@ -53,7 +102,7 @@ class Workspace:
         self.contracts = pytester.path / "contracts"
         self.artifacts = pytester.path / "artifacts"
         shutil.copytree(contracts, self.contracts)
-        shutil.copytree(reference, self.artifacts, copy_function=os.link)
+        shutil.copytree(reference, self.artifacts, copy_function=_link_unless_appendable)
 
     def write(self, relpath: str, text: str, root: Path | None = None) -> Path:
         path = (root or self.artifacts) / relpath

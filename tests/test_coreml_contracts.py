@@ -31,7 +31,7 @@ def test_renamed_output_fails_io_of_that_function_and_length(workspace):
         next(o for o in _function(spec, "decode").output if o.name == "logits").name = "logit"
 
     _edit_spec(workspace, rename)
-    result = workspace.run("-k", "io")
+    result = workspace.run("-m", "coreml", "-k", "io")
     assert workspace.failed(result) == {"io[decode-64]"}
     result.stdout.fnmatch_lines([
         "*coreml_contract.json: IO of decode-64 in *student-L64.mlpackage",
@@ -48,7 +48,7 @@ def test_wrong_dtype_fails_io(workspace):
         feature.type.multiArrayType.dataType = FeatureTypes_pb2.ArrayFeatureType.FLOAT32
 
     _edit_spec(workspace, retype)
-    result = workspace.run("-k", "io")
+    result = workspace.run("-m", "coreml", "-k", "io")
     assert workspace.failed(result) == {"io[prefill-64]"}
     result.stdout.fnmatch_lines(["*inputs: 'attention_mask' dtype expected int32, found float32"])
 
@@ -56,7 +56,7 @@ def test_wrong_dtype_fails_io(workspace):
 def test_op_dropped_from_the_converter_islands_fails_islands(workspace, reference_artifacts):
     """Convert with softmax missing from the islands the converter used; the contract still lists it."""
     islands = workspace.stage_context().contract("precision_islands.yaml").islands
-    workspace.reconvert(reference_artifacts / "student/checkpoint", 64, tuple(i for i in islands if "softmax" not in i.op_types))
+    workspace.reconvert(reference_artifacts / "student/distilled", 64, tuple(i for i in islands if "softmax" not in i.op_types))
     result = workspace.run("-k", "islands")
     assert workspace.failed(result) == {"islands[prefill-64]", "islands[decode-64]"}
     result.stdout.fnmatch_lines([
@@ -87,7 +87,7 @@ def test_int64_into_the_mask_fails_lint_of_that_graph(workspace, reference_artif
 
     from kdtrain.export.programs import example_inputs
 
-    student = StudentLM.from_pretrained(reference_artifacts / "student/checkpoint")
+    student = StudentLM.from_pretrained(reference_artifacts / "student/distilled")
     program = torch.export.export(Int64MaskPrefill(student, 64).eval(), example_inputs("prefill", 64)).run_decompositions({})
     workspace.write("export/prefill-64/graph.json", json.dumps(summarize_program(program, "prefill", 64).to_json()))
     result = workspace.run("-k", "lint")

@@ -39,7 +39,7 @@ def test_fp16_mask_from_float32_min_gives_nan_and_fails(golden_workspace, refere
 
     with monkeypatch.context() as patch:  # not monkeypatch.undo(): pytester's chdir is on it too
         patch.setattr(programs, "MASK_MIN", float(torch.finfo(torch.float32).min))
-        golden_workspace.reconvert(reference_artifacts / "student/checkpoint", 64)
+        golden_workspace.reconvert(reference_artifacts / "student/distilled", 64)
     result = golden_workspace.run("-m", "golden", "-k", "64")
     assert golden_workspace.failed(result) == {"golden[prefill-64]", "golden[decode-64]", "prefill_decode[64]"}
     result.stdout.fnmatch_lines([
@@ -58,7 +58,7 @@ def test_off_by_one_kv_index_fails_prefill_decode(golden_workspace, reference_ar
 
     with monkeypatch.context() as patch:
         patch.setitem(programs.PROGRAMS, "decode", OffByOne)
-        golden_workspace.reconvert(reference_artifacts / "student/checkpoint", 64)
+        golden_workspace.reconvert(reference_artifacts / "student/distilled", 64)
     result = golden_workspace.run("-m", "golden", "-k", "64")
     assert "prefill_decode[64]" in golden_workspace.failed(result)
     assert "golden[prefill-64]" not in golden_workspace.failed(result)
@@ -86,7 +86,7 @@ def test_snapshot_made_for_another_model_fails(golden_workspace):
     assert golden_workspace.failed(result) == {"golden[prefill-64]"}
     result.stdout.fnmatch_lines([
         "*prefill-64 against its golden snapshot*",
-        "*snapshot made for model student.checkpoint sha256:eeee*, the artifacts hold student.checkpoint sha256:*",
+        "*snapshot made for model student.checkpoint sha256:eeee*, the artifacts hold student.distilled from student.checkpoint sha256:*",
         "*torch_logits: cosine *",
     ])
 

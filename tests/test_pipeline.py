@@ -16,9 +16,13 @@ def test_manifest_lists_every_reference_artifact(reference_artifacts):
     per_length |= {f"coreml.{p}.{n}" for p in ("fp16", "int8") for n in TEST_LENGTHS}
     assert set(folder.manifest.artifacts) == {
         "tokenizer.teacher", "tokenizer.student", "tokenizer.runtime", "migration.audit", "student.checkpoint", "student.init",
-        "quant.calibration", "quant.activation_stats", "quant.ab",
+        "quant.calibration", "quant.activation_stats", "quant.ab", "data.raw", "data.corpus", "data.validation_report",
+        "teacher.cache", "teacher.report", "distill.run", "distill.report", "student.distilled",
+        "ablations.runs", "ablations.results", "ablations.plot",
     } | per_length
-    assert set(folder.manifest.stages) == {"tokenizers", "student", "export", "convert", "quantize"}
+    assert set(folder.manifest.stages) == {"tokenizers", "data", "student", "teacher", "distill", "ablations", "export",
+                                           "convert", "quantize"}
+    assert folder.exported_student() == "student.distilled"
     assert (reference_artifacts / "quant/size_accuracy.png").stat().st_size > 0
     assert all(folder.path(name).exists() for name in folder.manifest.artifacts)
 

@@ -32,7 +32,7 @@ def convert_length(student, length: int, coreml, rules, islands, out) -> None:
 def stage_convert(ctx) -> None:
     from kdtrain.student.model import StudentLM
 
-    student = StudentLM.from_pretrained(ctx.folder.path("student.checkpoint"))
+    student = StudentLM.from_pretrained(ctx.folder.path(ctx.folder.exported_student()))
     coreml, rules = ctx.contract("coreml_contract.json"), ctx.contract("export_lint.yaml").rules
     islands = ctx.contract("precision_islands.yaml").islands
     for length in tqdm(coreml.lengths, desc="convert", unit="length"):

@@ -32,7 +32,7 @@ def export_program(student, function: str, length: int) -> torch.export.Exported
 def stage_export(ctx) -> None:
     from kdtrain.student.model import StudentLM
 
-    student = StudentLM.from_pretrained(ctx.folder.path("student.checkpoint"))
+    student = StudentLM.from_pretrained(ctx.folder.path(ctx.folder.exported_student()))
     coreml, rules = ctx.contract("coreml_contract.json"), ctx.contract("export_lint.yaml").rules
     dirty = []
     for length in (bar := tqdm(coreml.lengths, desc="export", unit="length")):

@@ -29,7 +29,7 @@ def ab_prompts(calibration: list[dict]) -> list[list[int]]:
 def student_modules(folder) -> list[str]:
     from safetensors import safe_open
 
-    checkpoint = folder.path("student.checkpoint")
+    checkpoint = folder.path(folder.exported_student())
     config = json.loads((checkpoint / "config.json").read_text(encoding="utf-8"))
     with safe_open(str(checkpoint / "model.safetensors"), "pt") as weights:
         names = list(weights.keys())
@@ -80,7 +80,7 @@ def stage_quantize(ctx) -> None:
         "tokens": {s["kind"]: len(s["ids"]) for s in calibration}, "samples": calibration,
     })
     folder.record("quant.calibration", "quant/calibration.json", "quant/calibration-set", "quantize")
-    student = StudentLM.from_pretrained(folder.path("student.checkpoint"))
+    student = StudentLM.from_pretrained(folder.path(folder.exported_student()))
     stats = activation_stats(student, calibration)
     atomic.write_json(folder.root / "quant/activation_stats.json", stats)
     folder.record("quant.activation_stats", "quant/activation_stats.json", "quant/activation-stats", "quantize")

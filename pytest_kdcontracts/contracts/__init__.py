@@ -39,6 +39,9 @@ FAMILIES: tuple[Family, ...] = (
     Family("export_lint.yaml", "export_lint.schema.json", "export", "pytest_kdcontracts.contracts.export_lint"),
     Family("precision_islands.yaml", "precision_islands.schema.json", "coreml", "pytest_kdcontracts.contracts.islands"),
     Family("quant_recipe.yaml", "quant_recipe.schema.json", "quant", "pytest_kdcontracts.contracts.quant"),
+    Family("tool_registry.json", "tool_registry.schema.json", "data", "pytest_kdcontracts.contracts.tool_registry"),
+    Family("distill_data.yaml", "distill_data.schema.json", "data", "pytest_kdcontracts.contracts.distill_data"),
+    Family("ablations.yaml", "ablations.schema.json", "ablations", "pytest_kdcontracts.contracts.ablations"),
 )
 
 MARKERS = {
@@ -48,6 +51,8 @@ MARKERS = {
     "coreml": "converted mlpackages: IO, islands, ANE residency (coreml_contract.json, precision_islands.yaml)",
     "golden": "golden vectors and prefill/decode consistency through the execution backend",
     "quant": "INT8 packages: recipe conformance, A/B against FP16, finite outputs (quant_recipe.yaml)",
+    "data": "distillation data and teacher targets: tool registry, corpus versions and calls, corruption rate, logit cache (tool_registry.json, distill_data.yaml)",
+    "ablations": "the trainer's canonical mini experiments against their stored baselines (ablations.yaml)",
 }
 
 

@@ -15,7 +15,7 @@ from typing import Iterator
 import numpy as np
 
 from pytest_kdcontracts.check import Check, fail
-from pytest_kdcontracts.golden import GoldenRecord, agreement, extension_for
+from pytest_kdcontracts.golden import GoldenRecord, agreement, assert_snapshot, extension_for
 
 
 def _prompt(c, kd_tokenizers, length: int) -> list[int]:
@@ -47,15 +47,9 @@ def check_golden(c, function: str, length: int, kd_runtime, kd_tokenizers, snaps
          "torch_logits": expected.astype(np.float32), "backend_logits": found.astype(np.float32)},
         {"model": kd_runtime.model_id, "function": function, "length": length, "host_api_version": c.host_api_version},
     )
-    assertion = snapshot.use_extension(extension_for(c.golden.dir, c.golden.cosine_min))
-    if not assertion == record:
-        result = assertion.executions[assertion.num_executions - 1]
-        if result.recalled_data is None:
-            fail(c.file.name, f"golden snapshot of {function}-{length}", f"a snapshot at {result.snapshot_location}",
-                 "none (write it with: pytest --kd-contracts … -m golden --snapshot-update)")
-        problems = assertion.extension.problems(result.asserted_data, result.recalled_data)
-        fail(c.file.name, f"{function}-{length} against its golden snapshot ({result.snapshot_location})",
-             f"agreement within cosine {c.golden.cosine_min}", "\n    " + "\n    ".join(problems))
+    assert_snapshot(snapshot, extension_for(c.golden.dir, c.golden.cosine_min), record, c.file.name,
+                    f"golden snapshot of {function}-{length}", f"{function}-{length} against its golden snapshot",
+                    f"agreement within cosine {c.golden.cosine_min}", "golden")
 
 
 def check_prefill_decode(c, length: int, kd_runtime, kd_tokenizers) -> None:

@@ -1,0 +1,117 @@
+"""The trainer's data: validated corpus samples paired with cached teacher targets, in a
+reproducible order that a checkpoint can resume mid-epoch.
+
+Only samples whose cache entry verifies are trained on (:class:`kdtrain.data.targets.TeacherTargets`
+logs the missing-teacher ratio); a corpus whose ``tool_schema_version`` the target runtime
+cannot read is refused before anything is loaded (``kdtrain migrate-data`` fixes it). The
+order of epoch ``e`` is a permutation drawn from ``data.seed + e``; rank ``r`` of ``w``
+takes every ``w``-th sample of it, so ``(epoch, position)`` is all a resume needs.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from kdtrain.artifacts import ArtifactsFolder
+from kdtrain.data.corpus import Corpus
+from kdtrain.data.registry import compatible
+from kdtrain.data.targets import DistillExample, TeacherTargets
+from kdtrain.errors import DataError, located
+from kdtrain.losses import DistillBatch, collate_distill
+from kdtrain.teacher.cache import TeacherCache
+from kdtrain.teacher.fill import TeacherSettings, build_request
+from kdtrain.tokenizers.load import load_tokenizer
+from kdtrain.train.checkpoint import DataPosition
+from kdtrain.train.config import DistillConfig
+
+log = logging.getLogger("kdtrain.train")
+
+
+@dataclass(frozen=True)
+class TrainingData:
+    examples: tuple[DistillExample, ...]
+    eligible: tuple[bool, ...]  # code-mode eligibility per example (sample metadata)
+    tokenizer: object  # the student tokenizer
+    missing_ratio: float  # samples without verified teacher targets, over the corpus
+    too_long: int  # samples over data.max_length student tokens, left out
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    @property
+    def eligible_fraction(self) -> float:
+        return sum(self.eligible) / len(self.eligible) if self.eligible else 0.0
+
+    def order(self, epoch: int, seed: int, rank: int = 0, world: int = 1) -> list[int]:
+        """This rank's sample indices for ``epoch``: a seeded permutation, strided by rank."""
+        return np.random.default_rng(seed + epoch).permutation(len(self.examples))[rank::world].tolist()
+
+    def batch(self, indices: list[int]) -> DistillBatch:
+        return collate_distill([self.examples[i] for i in indices], self.tokenizer, [self.eligible[i] for i in indices])
+
+
+class Batches:
+    """Batches of one rank from a :class:`DataPosition` on; ``position`` is where the next starts."""
+
+    def __init__(self, data: TrainingData, batch_size: int, seed: int, start: DataPosition, rank: int = 0, world: int = 1):
+        self.data, self.batch_size, self.seed, self.rank, self.world = data, batch_size, seed, rank, world
+        per_rank = len(data) // world
+        if per_rank < batch_size:
+            raise DataError(f"training data: expected at least data.batch_size ({batch_size}) samples per rank ({world} rank(s)), "
+                            f"found {len(data)} usable sample(s) in all")
+        self.batches_per_epoch = per_rank // batch_size  # the ragged tail is dropped: every rank takes the same steps
+        self.position = start
+
+    def next(self) -> tuple[DataPosition, list[int], DistillBatch]:
+        """(where the batch was taken, its sample indices, the batch)."""
+        epoch, index = self.position.epoch, self.position.position
+        if index >= self.batches_per_epoch:
+            epoch, index = epoch + 1, 0
+        order = self.data.order(epoch, self.seed, self.rank, self.world)
+        indices = order[index * self.batch_size:(index + 1) * self.batch_size]
+        taken = DataPosition(epoch, self.rank, index)
+        self.position = DataPosition(epoch, self.rank, index + 1)
+        return taken, indices, self.data.batch(indices)
+
+
+def check_schema_version(corpus: Corpus, corpus_file: Path, runtime_version: str) -> None:
+    """Distillation refuses data the target runtime cannot read."""
+    if not compatible(corpus.tool_schema_version, runtime_version):
+        raise DataError(located(corpus_file, "tool_schema_version",
+                                f"a version the target runtime reads (data.tool_schema_version {runtime_version}: same major, "
+                                "minor at most its own); migrate the corpus with `kdtrain migrate-data`",
+                                repr(corpus.tool_schema_version)))
+
+
+def load_training_data(config: DistillConfig, artifacts: Path | str | None = None) -> TrainingData:
+    """The examples of ``data.artifacts`` (or ``artifacts``) that the trainer may use."""
+    folder = ArtifactsFolder.open(artifacts or config.data.artifacts)
+    corpus_dir = folder.path("data.corpus")
+    corpus = Corpus.load(corpus_dir)
+    check_schema_version(corpus, corpus_dir / "corpus.json", config.data.tool_schema_version)
+    teacher_tokenizer = load_tokenizer(folder, "teacher")
+    student_tokenizer = load_tokenizer(folder, "student")
+    t = config.teacher
+    settings = TeacherSettings(t.name, t.versions, "score", t.top_k, t.max_new_tokens)
+    samples = {s.id: s for s in corpus.samples}
+    requests = [build_request(s.id, s.messages, teacher_tokenizer, settings) for s in corpus.samples]
+    targets = TeacherTargets(requests, TeacherCache(folder.path("teacher.cache")), settings.accept)
+    examples, too_long = [], 0
+    for example in targets:
+        if len(student_tokenizer.encode(example.request.text).ids) > config.data.max_length:
+            too_long += 1
+            continue
+        examples.append(example)
+    if too_long:
+        log.info("left out %d sample(s) longer than data.max_length (%d student tokens)", too_long, config.data.max_length)
+    if config.data.slice is not None:
+        examples = examples[: config.data.slice]
+    if not examples:
+        raise DataError(located(folder.path("teacher.cache"), None, "samples with verified teacher targets",
+                                f"none of {len(requests)} ({dict(targets.reasons)}; {too_long} too long)"))
+    eligible = tuple(samples[e.request.sample_id].meta.eligible.code_mode for e in examples)
+    return TrainingData(tuple(examples), eligible, student_tokenizer, targets.missing_ratio, too_long)

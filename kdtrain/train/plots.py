@@ -1,0 +1,70 @@
+"""The trainer's plots: what people would rather look at than read in ``log.jsonl``."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+from kdtrain import atomic
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_png(fig, path: Path) -> Path:
+    """Render ``fig`` and write it atomically (a reader never sees half a PNG); closes it."""
+    buffer = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buffer, format="png", dpi=110)
+    _pyplot().close(fig)
+    atomic.write_bytes(path, buffer.getvalue())
+    return path
+
+
+def plot_grad_norms(records: list[dict], path: Path, ratio: float) -> Path | None:
+    """Each weighted loss term's gradient norm over the measured steps, log scale; alerts marked.
+
+    A term drawn ``ratio`` times above all the others for a while is the one the balance
+    check alerts on. Nothing is written when no step was measured.
+    """
+    measured = [r for r in records if r.get("grad_norms")]
+    if not measured:
+        return None
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for name in sorted({n for r in measured for n in r["grad_norms"]}):
+        points = [(r["step"], r["grad_norms"][name]) for r in measured if r["grad_norms"].get(name, 0) > 0]
+        if points:
+            ax.plot(*zip(*points), marker="o", markersize=3, label=name)
+    for r in measured:
+        if r.get("alert"):
+            ax.axvline(r["step"], color="red", alpha=0.3, linewidth=1)
+    ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel("‖∇θ (weight × loss)‖₂")
+    ax.set_title(f"Per-loss gradient norms (alert at {ratio:g}× over the others; red: alerts)")
+    ax.legend(fontsize=7, ncol=2)
+    return save_png(fig, path)
+
+
+def plot_ablations(results: dict, path: Path) -> Path:
+    """Each metric per ablation experiment, side by side (losses: lower is better; accuracies: higher)."""
+    import numpy as np
+
+    experiments = list(results["experiments"])
+    metrics = sorted(results["experiments"][experiments[0]]["metrics"])
+    fig, ax = _pyplot().subplots(figsize=(10, 4))
+    width = 0.8 / len(experiments)
+    for i, name in enumerate(experiments):
+        values = [results["experiments"][name]["metrics"][m] for m in metrics]
+        ax.bar(np.arange(len(metrics)) + i * width, values, width, label=name)
+    ax.set_xticks(np.arange(len(metrics)) + 0.4 - width / 2, metrics, rotation=30, ha="right", fontsize=8)
+    ax.set_title(f"Ablations after {results['protocol']['steps']} steps on {results['protocol']['slice']} samples")
+    ax.legend(fontsize=8)
+    return save_png(fig, path)

@@ -1,0 +1,77 @@
+"""Pipeline stages ``distill`` and ``ablations``.
+
+``distill``: a short distillation of the initial student from the cached
+teacher targets, before export, so that the whole path from distillation to an mlpackage
+runs on every ``make demo``.
+
+The run is always fresh (its folder is swapped in whole when it finishes); resumable,
+long runs are ``kdtrain distill``'s. The distilled student is recorded as
+``student.distilled`` with the initial checkpoint it came from, which is what the export
+stages then read (:meth:`kdtrain.artifacts.ArtifactsFolder.exported_student`).
+
+``ablations``: the three canonical mini experiments (kdtrain.train.ablations) with the
+protocol of ``contracts/ablations.yaml``; their results are what that contract compares.
+"""
+
+from __future__ import annotations
+
+import json
+
+from kdtrain import atomic
+from kdtrain.artifacts import DISTILLED, INITIAL
+from kdtrain.pipeline import StageContext
+from kdtrain.train.config import load_config
+from kdtrain.train.loop import PLOT, Distiller
+
+RUN, REPORT, STUDENT = "distill/run", "distill/report.json", "student/distilled"
+ABLATION_RUNS, ABLATION_RESULTS, ABLATION_PLOT = "ablations/runs", "ablations/results.json", "ablations/metrics.png"
+
+
+def stage_distill(ctx: StageContext) -> None:
+    folder = ctx.folder
+    config = load_config(ctx.distill_config)
+    initial = f"{INITIAL} sha256:{folder.entry(INITIAL).sha256}"
+    with atomic.directory(folder.root / RUN) as run:
+        distiller = Distiller(config, run, artifacts=folder.root)
+        result = distiller.train()
+        records = distiller.records()
+    hf_config = json.loads((folder.path(INITIAL) / "config.json").read_text(encoding="utf-8"))
+    hf_config = {k: v for k, v in hf_config.items() if not k.startswith("kd_")}
+    with atomic.directory(folder.root / STUDENT) as tmp:
+        distiller.trainee.student.save_pretrained(tmp, hf_config)
+    last = records[-1] if records else {}
+    report = {
+        "config": str(ctx.distill_config), "fingerprint": config.fingerprint(), "student": initial,
+        "steps": result.step, "samples": len(distiller.data), "tokens": sum(r["tokens"] for r in records),
+        "missing_teacher_ratio": distiller.data.missing_ratio, "too_long": distiller.data.too_long,
+        "code_mode_eligible_fraction": distiller.data.eligible_fraction,
+        "final": {"loss": last.get("loss"), "terms": last.get("terms")},
+        "alerts": [str(a) for a in result.alerts], "plot": f"{RUN}/{PLOT}",
+    }
+    atomic.write_json(folder.root / REPORT, report)
+    folder.record("distill.run", RUN, "run/distill", "distill")
+    folder.record("distill.report", REPORT, "report/distill", "distill")
+    folder.record(DISTILLED, STUDENT, "checkpoint/transformers", "distill")
+    # What made the distilled student: its bytes also depend on the CPU's float summation order.
+    identity = (f"from {initial}, config {config.fingerprint()}, data.corpus sha256:{folder.entry('data.corpus').sha256}, "
+                f"teacher.cache sha256:{folder.entry('teacher.cache').sha256}, {result.step} steps")
+    folder.record_stage("distill", {"config": str(ctx.distill_config), "fingerprint": config.fingerprint(), "student": initial,
+                                    "steps": result.step, "alerts": len(result.alerts), "identity": identity})
+
+
+def stage_ablations(ctx: StageContext) -> None:
+    from kdtrain.train.ablations import run_ablations
+    from kdtrain.train.plots import plot_ablations
+
+    folder = ctx.folder
+    protocol = ctx.contract("ablations.yaml").protocol
+    base = load_config(ctx.distill_config)
+    with atomic.directory(folder.root / ABLATION_RUNS) as runs:
+        results = run_ablations(base, folder.root, runs, protocol)
+    atomic.write_json(folder.root / ABLATION_RESULTS, results)
+    plot_ablations(results, folder.root / ABLATION_PLOT)
+    folder.record("ablations.runs", ABLATION_RUNS, "run/ablations", "ablations")
+    folder.record("ablations.results", ABLATION_RESULTS, "report/ablations", "ablations")
+    folder.record("ablations.plot", ABLATION_PLOT, "plot/ablations", "ablations")
+    folder.record_stage("ablations", {"config": str(ctx.distill_config), "protocol": results["protocol"],
+                                      "experiments": list(results["experiments"])})
