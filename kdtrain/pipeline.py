@@ -6,6 +6,7 @@ stage reads what earlier stages wrote through the manifest, never through memory
 
 from __future__ import annotations
 
+import importlib
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -80,58 +81,26 @@ def stage_student(ctx: StageContext) -> None:
     folder.record_stage("student", {"teacher_layers": record.teacher_layers, "parameters": record.parameters})
 
 
-def _stage_data(ctx: StageContext) -> None:
-    from kdtrain.data.stage import stage_data
+def _lazy(module: str, name: str) -> Callable[[StageContext], None]:
+    """A stage whose module (and its heavy imports) loads only when the stage runs."""
 
-    stage_data(ctx)
+    def stage(ctx: StageContext) -> None:
+        getattr(importlib.import_module(module), name)(ctx)
 
-
-def _stage_teacher(ctx: StageContext) -> None:
-    from kdtrain.teacher.stage import stage_teacher
-
-    stage_teacher(ctx)
-
-
-def _stage_distill(ctx: StageContext) -> None:
-    from kdtrain.train.stage import stage_distill
-
-    stage_distill(ctx)
-
-
-def _stage_ablations(ctx: StageContext) -> None:
-    from kdtrain.train.stage import stage_ablations
-
-    stage_ablations(ctx)
-
-
-def _stage_export(ctx: StageContext) -> None:
-    from kdtrain.export.stage import stage_export
-
-    stage_export(ctx)
-
-
-def _stage_convert(ctx: StageContext) -> None:
-    from kdtrain.coreml.stage import stage_convert
-
-    stage_convert(ctx)
-
-
-def _stage_quantize(ctx: StageContext) -> None:
-    from kdtrain.quant.stage import stage_quantize
-
-    stage_quantize(ctx)
+    stage.__name__ = name
+    return stage
 
 
 STAGES: dict[str, Callable[[StageContext], None]] = {
     "tokenizers": stage_tokenizers,
-    "data": _stage_data,
+    "data": _lazy("kdtrain.data.stage", "stage_data"),
     "student": stage_student,
-    "teacher": _stage_teacher,
-    "distill": _stage_distill,
-    "ablations": _stage_ablations,
-    "export": _stage_export,
-    "convert": _stage_convert,
-    "quantize": _stage_quantize,
+    "teacher": _lazy("kdtrain.teacher.stage", "stage_teacher"),
+    "distill": _lazy("kdtrain.train.stage", "stage_distill"),
+    "ablations": _lazy("kdtrain.train.stage", "stage_ablations"),
+    "export": _lazy("kdtrain.export.stage", "stage_export"),
+    "convert": _lazy("kdtrain.coreml.stage", "stage_convert"),
+    "quantize": _lazy("kdtrain.quant.stage", "stage_quantize"),
 }
 
 

@@ -56,11 +56,27 @@ class GoldenRecord:
     meta: dict  # model identity, function, length, backend
 
 
-class GoldenArrays(SingleFileSnapshotExtension):
+class _ToleranceSnapshot(SingleFileSnapshotExtension):
+    """Stored under the contract's golden folder; matches when the subclass's ``problems``
+    (how its values are compared, within which tolerance) finds none."""
+
+    golden_dir: Path | None = None
+
+    @classmethod
+    def dirname(cls, *, test_location) -> str:
+        return str(Path(cls.golden_dir or super().dirname(test_location=test_location)) / test_location.basename)
+
+    def matches(self, *, serialized_data, snapshot_data) -> bool:
+        return not self.problems(serialized_data, snapshot_data)
+
+    def diff_lines(self, serialized_data, snapshot_data):
+        yield from self.problems(serialized_data, snapshot_data)
+
+
+class GoldenArrays(_ToleranceSnapshot):
     file_extension = "npz"
     _write_mode = WriteMode.BINARY
     cosine_min = 0.999  # overridden per item through :func:`extension_for`
-    golden_dir: Path | None = None
 
     def serialize(self, data: GoldenRecord, **kwargs) -> bytes:
         buffer = io.BytesIO()
@@ -74,10 +90,6 @@ class GoldenArrays(SingleFileSnapshotExtension):
             arrays = {k: npz[k] for k in npz.files if k != "__meta__"}
             meta = json.loads(npz["__meta__"].tobytes().decode()) if "__meta__" in npz.files else {}
         return GoldenRecord(arrays, meta)
-
-    @classmethod
-    def dirname(cls, *, test_location) -> str:
-        return str(Path(cls.golden_dir or super().dirname(test_location=test_location)) / test_location.basename)
 
     def problems(self, serialized_data: bytes, snapshot_data: bytes) -> list[str]:
         new, old = self.deserialize(serialized_data), self.deserialize(snapshot_data)
@@ -96,12 +108,6 @@ class GoldenArrays(SingleFileSnapshotExtension):
                     found.append(f"{name}: {agree} (need cosine >= {self.cosine_min})")
         return found
 
-    def matches(self, *, serialized_data, snapshot_data) -> bool:
-        return not self.problems(serialized_data, snapshot_data)
-
-    def diff_lines(self, serialized_data, snapshot_data):
-        yield from self.problems(serialized_data, snapshot_data)
-
 
 def extension_for(golden_dir: Path, cosine_min: float) -> type[GoldenArrays]:
     """A GoldenArrays bound to one contract's folder and tolerance (syrupy takes a class)."""
@@ -115,21 +121,16 @@ class Tolerance:
     sample_agreement: float  # share of greedy tokens that must equal the baseline's
 
 
-class BaselineResults(SingleFileSnapshotExtension):
+class BaselineResults(_ToleranceSnapshot):
     """One ablation experiment's results (metrics, sample outputs) as a JSON snapshot,
     compared within the contract's tolerance: training numerics differ across CPUs."""
 
     file_extension = "json"
     _write_mode = WriteMode.TEXT
-    golden_dir: Path | None = None
     tolerance = Tolerance(0.1, 0.02, 0.5)
 
     def serialize(self, data: dict, **kwargs) -> str:
         return json.dumps(data, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
-
-    @classmethod
-    def dirname(cls, *, test_location) -> str:
-        return str(Path(cls.golden_dir or super().dirname(test_location=test_location)) / test_location.basename)
 
     def problems(self, serialized_data: str, snapshot_data: str) -> list[str]:
         new, old = json.loads(serialized_data), json.loads(snapshot_data)
@@ -154,12 +155,6 @@ class BaselineResults(SingleFileSnapshotExtension):
         if len(old["samples"]) != len(new["samples"]):
             found.append(f"{len(new['samples'])} sample outputs, baseline {len(old['samples'])}")
         return found
-
-    def matches(self, *, serialized_data, snapshot_data) -> bool:
-        return not self.problems(serialized_data, snapshot_data)
-
-    def diff_lines(self, serialized_data, snapshot_data):
-        yield from self.problems(serialized_data, snapshot_data)
 
 
 def baseline_extension_for(golden_dir: Path, tolerance: Tolerance) -> type[BaselineResults]:

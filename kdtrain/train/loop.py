@@ -134,6 +134,13 @@ def _stage_name(config: DistillConfig, step: int) -> str | None:
     return stage.name if stage else None
 
 
+def _optimizer(config: DistillConfig, model: nn.Module):
+    """AdamW and its warmup/cosine schedule, as ``optim`` says."""
+    o = config.optim
+    optimizer = torch.optim.AdamW(model.parameters(), lr=o.lr, betas=o.betas, weight_decay=o.weight_decay)
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, o.lr_scale)
+
+
 def _seed_everything(seed: int) -> None:
     import random
 
@@ -156,7 +163,7 @@ class Distiller:
         self.progress = progress and self.world.main
         self.loss_config = LossConfig(temperature=config.losses.kl_temperature, kl_direction=config.losses.kl_direction,
                                       length_excess=config.losses.length_excess)
-        self._teacher = None  # the live teacher, only for intermediate-layer matching
+        self._teacher = self._teacher_tokenizer = None  # the live teacher, only for intermediate-layer matching
 
     # --- setup ---------------------------------------------------------------------------
 
@@ -168,10 +175,7 @@ class Distiller:
             teacher = self._live_teacher()
             projection = HiddenProjection(self.config.losses.intermediate_layers, student.config.hidden_size, teacher.config.hidden_size)
         trainee = Trainee(student, projection).to(self.world.device)
-        o = self.config.optim
-        optimizer = torch.optim.AdamW(trainee.parameters(), lr=o.lr, betas=o.betas, weight_decay=o.weight_decay)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, o.lr_scale)
-        return trainee, optimizer, scheduler
+        return (trainee, *_optimizer(self.config, trainee))
 
     def _live_teacher(self):
         if self._teacher is None:
@@ -188,7 +192,9 @@ class Distiller:
         from kdtrain.losses.intermediate import gather_teacher_hidden
         from kdtrain.tokenizers.load import load_tokenizer
 
-        tokenizer = load_tokenizer(self.artifacts, "teacher")
+        if self._teacher_tokenizer is None:  # once, not per step
+            self._teacher_tokenizer = load_tokenizer(self.artifacts, "teacher")
+        tokenizer = self._teacher_tokenizer
         encoded = [tokenizer.encode(text) for text in examples_text]
         padded = pad_batch([e.ids for e in encoded], pad_id=0)
         with torch.no_grad():
@@ -364,8 +370,7 @@ def smoke_gate(distiller: Distiller, trainee: Trainee, override: bool) -> list[D
     steps = config.balance.smoke_steps
     rng = torch.get_rng_state()
     model = copy.deepcopy(trainee)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.optim.lr, betas=config.optim.betas, weight_decay=config.optim.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, config.optim.lr_scale)
+    optimizer, scheduler = _optimizer(config, model)
     batches = Batches(distiller.data, config.data.batch_size, config.data.seed, DataPosition(), distiller.world.rank, distiller.world.size)
     monitor = BalanceMonitor(config.balance.ratio, config.balance.window)
     measured = []
