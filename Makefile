@@ -4,6 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.kdcontracts-installed
 ARTIFACTS ?= artifacts
+CONTRACTS ?= contracts
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 
 .PHONY: install demo artifacts contracts golden bench test test-all clean
@@ -22,31 +23,32 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 # Rebuilt when kdtrain's code or the contracts change; each stage rewrites its own part atomically.
-$(ARTIFACTS)/manifest.json: $(STAMP) $(shell find kdtrain -name '*.py') $(wildcard contracts/*) $(wildcard configs/*)
-	$(VENV)/bin/kdtrain pipeline --out $(ARTIFACTS)
+$(ARTIFACTS)/manifest.json: $(STAMP) $(shell find kdtrain -name '*.py') $(wildcard $(CONTRACTS)/*) $(wildcard configs/*)
+	$(VENV)/bin/kdtrain pipeline --out $(ARTIFACTS) --contracts $(CONTRACTS)
 
 artifacts: $(ARTIFACTS)/manifest.json
 
 contracts: artifacts
-	$(PY) -m pytest --kd-contracts contracts --kd-artifacts $(ARTIFACTS) -q -rs
+	$(PY) -m pytest --kd-contracts $(CONTRACTS) --kd-artifacts $(ARTIFACTS) -q -rs
 
 demo: contracts
 
 # After an intentional change: rewrite the golden vectors and the ablation baselines
 # (syrupy snapshots in golden/).
 golden: artifacts
-	$(PY) -m pytest --kd-contracts contracts --kd-artifacts $(ARTIFACTS) -m "golden or ablations" --snapshot-update -q
+	$(PY) -m pytest --kd-contracts $(CONTRACTS) --kd-artifacts $(ARTIFACTS) -m "golden or ablations" --snapshot-update -q
 
 # Printed ratios (pytest-benchmark) on the demo artifacts: executor vs PyTorch eager; the
 # trainer's tokens/s with KD vs plain CE (on the GPU when there is one).
 bench: artifacts
-	$(PY) -m pytest benchmarks -q -s -p no:cacheprovider
+	$(PY) -m pytest benchmarks --kd-artifacts $(ARTIFACTS) -q -s -p no:cacheprovider
 
+# tests/ named explicitly: with no paths, pytest here collects the contracts (kd_contracts ini).
 test: $(STAMP)
-	$(PY) -m pytest -m "not slow" -q
+	$(PY) -m pytest tests -m "not slow" -q
 
 test-all: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest tests -q
 
 clean:
 	rm -rf $(ARTIFACTS) .pytest_cache .hypothesis

@@ -31,7 +31,7 @@ def _config(root: Path, losses: dict | None):
 
 
 @pytest.mark.parametrize("mode", ["ce", "kd"])
-def test_distill_tokens_per_second(benchmark, request, tmp_path, mode):
+def test_distill_tokens_per_second(benchmark, request, bench_artifacts, tmp_path, mode):
     from kdtrain.train.loop import Distiller
 
     root = Path(request.config.rootpath)
@@ -39,7 +39,7 @@ def test_distill_tokens_per_second(benchmark, request, tmp_path, mode):
     runs = iter(range(100))
 
     def train():
-        distiller = Distiller(config, tmp_path / f"run-{next(runs)}", artifacts=root / "artifacts", progress=False)
+        distiller = Distiller(config, tmp_path / f"run-{next(runs)}", artifacts=bench_artifacts, progress=False)
         return distiller, distiller.train(gate=False)
 
     distiller, result = benchmark.pedantic(train, rounds=1, iterations=1)

@@ -104,16 +104,22 @@ def _add_data_commands(sub) -> None:
     build.set_defaults(func=_build_corpus)
 
 
+def _add_stage_arguments(parser: argparse.ArgumentParser) -> None:
+    """What every stage reads, whether run by ``pipeline`` or alone: one definition, so a
+    stage run alone cannot miss a setting the pipeline has."""
+    parser.add_argument("--out", required=True, help="artifacts folder to write or update")
+    parser.add_argument("--contracts", default="contracts", help="contract folder the stages read (shapes, islands, lint rules)")
+    parser.add_argument("--distill-config", default="configs/distill_reference.yaml", help="the trainer's config (distill and teacher stages)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from kdtrain.pipeline import STAGES
 
     parser = argparse.ArgumentParser(prog="kdtrain", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     pipeline = sub.add_parser("pipeline", help="build the reference artifacts folder end to end")
-    pipeline.add_argument("--out", required=True, help="artifacts folder to write")
+    _add_stage_arguments(pipeline)
     pipeline.add_argument("--stages", help=f"comma-separated subset of: {','.join(STAGES)}")
-    pipeline.add_argument("--contracts", default="contracts", help="contract folder the stages read (shapes, islands, lint rules)")
-    pipeline.add_argument("--distill-config", default="configs/distill_reference.yaml", help="the trainer's config (distill stage)")
     pipeline.set_defaults(func=_pipeline)
     distill = sub.add_parser("distill", help="distil the student from the cached teacher targets (resumes a run folder)")
     distill.add_argument("--config", required=True, help="DistillConfig YAML (configs/distill_reference.yaml)")
@@ -125,8 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     distill.set_defaults(func=_distill)
     for stage in ("export", "convert", "quantize"):
         one = sub.add_parser(stage, help=f"run the {stage} stage alone (same as pipeline --stages {stage})")
-        one.add_argument("--out", required=True, help="artifacts folder to update")
-        one.add_argument("--contracts", default="contracts")
+        _add_stage_arguments(one)
         one.set_defaults(func=_pipeline, stages=stage)
     fingerprint = sub.add_parser("fingerprint", help="print the meaning fingerprint of tokenizer folders or tokenizer.json files")
     fingerprint.add_argument("paths", nargs="+")

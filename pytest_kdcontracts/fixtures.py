@@ -11,7 +11,7 @@ import pytest
 
 from kdtrain.artifacts import DISTILLED
 from kdtrain.errors import ArtifactError
-from pytest_kdcontracts.session import KDSession
+from pytest_kdcontracts.session import REPORT_PROPERTY, KDSession
 
 SESSION_KEY = pytest.StashKey[KDSession]()
 
@@ -131,13 +131,15 @@ class Runtime:
         self._student = None
 
     @property
-    def model_id(self) -> str:
-        # A distilled student is named by what made it (its bytes vary with the CPU's float
-        # summation order); the golden values then agree within the contract's cosine.
+    def identity(self) -> tuple[dict, dict]:
+        """What made the exported student: (the inputs that define it, the files whose bytes
+        vary with the CPU). A distilled student is named by the distill stage's record; the
+        initial one, built deterministically, by its checkpoint's hash."""
         name = self._artifacts.exported_student()
         if name == DISTILLED:
-            return f"{name} " + self._artifacts.manifest.stages["distill"].settings["identity"]
-        return f"{name} sha256:" + self._artifacts.entry(name).sha256
+            settings = self._artifacts.manifest.stages["distill"].settings
+            return {"student": name, **settings["identity"]}, settings.get("numerics", {})
+        return {"student": name, name: "sha256:" + self._artifacts.entry(name).sha256}, {}
 
     @property
     def student(self):
@@ -173,7 +175,10 @@ def kd_runtime(kd_artifacts, kd_coreml, kd_tokenizers) -> Runtime:
     return Runtime(kd_artifacts, kd_coreml, kd_tokenizers)
 
 
-@pytest.fixture(scope="session")
-def kd_report(kd_session):
-    """``report(line)``: a measured figure for the kdcontracts section of the terminal summary."""
-    return kd_session.notes.append
+@pytest.fixture
+def kd_report(request):
+    """``report(line)``: a measured figure for the kdcontracts section of the terminal summary.
+
+    Carried in the item's report (``user_properties``), so it reaches the summary from
+    pytest-xdist workers too."""
+    return lambda line: request.node.user_properties.append((REPORT_PROPERTY, line))

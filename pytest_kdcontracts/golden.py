@@ -73,10 +73,39 @@ class _ToleranceSnapshot(SingleFileSnapshotExtension):
         yield from self.problems(serialized_data, snapshot_data)
 
 
+def identity_changes(old: dict, new: dict) -> list[str]:
+    """What made two golden records, input by input, where they differ.
+
+    ``model`` holds the inputs that define the model (checkpoint, config, data, teacher,
+    steps); ``numerics`` those whose bytes vary with the CPU (a teacher cache's FP16
+    log-probs, the distilled weights). A snapshot of the format before this split holds a
+    plain string under ``model``: it is compared as one input.
+    """
+    changes = []
+    for part in ("model", "numerics"):
+        before, after = old.get(part) or {}, new.get(part) or {}
+        if not isinstance(before, dict) or not isinstance(after, dict):
+            before, after = {part: before}, {part: after}
+        for key in sorted(before.keys() | after.keys()):
+            if before.get(key) != after.get(key):
+                changes.append(f"{key}: {before.get(key, '(absent)')} -> {after.get(key, '(absent)')}")
+    return changes
+
+
 class GoldenArrays(_ToleranceSnapshot):
+    """Golden vectors judged by their values: cosine within the contract's bound, never a
+    NaN or Inf. What made the snapshot is recorded beside the values and shown when they
+    disagree, so a person can tell a changed model from drifted numerics; it never decides.
+
+    ``update`` (``--snapshot-update``) also rewrites a snapshot whose values agree but whose
+    model inputs changed, so the record stays true; numerics alone never cause a rewrite, so a
+    snapshot made on one machine does not churn on another whose values agree.
+    """
+
     file_extension = "npz"
     _write_mode = WriteMode.BINARY
     cosine_min = 0.999  # overridden per item through :func:`extension_for`
+    update = False
 
     def serialize(self, data: GoldenRecord, **kwargs) -> bytes:
         buffer = io.BytesIO()
@@ -91,11 +120,8 @@ class GoldenArrays(_ToleranceSnapshot):
             meta = json.loads(npz["__meta__"].tobytes().decode()) if "__meta__" in npz.files else {}
         return GoldenRecord(arrays, meta)
 
-    def problems(self, serialized_data: bytes, snapshot_data: bytes) -> list[str]:
-        new, old = self.deserialize(serialized_data), self.deserialize(snapshot_data)
+    def _value_problems(self, new: GoldenRecord, old: GoldenRecord) -> list[str]:
         found = []
-        if old.meta.get("model") != new.meta.get("model"):
-            found.append(f"snapshot made for model {old.meta.get('model')}, the artifacts hold {new.meta.get('model')}")
         for name in sorted(old.arrays.keys() | new.arrays.keys()):
             if name not in old.arrays or name not in new.arrays:
                 found.append(f"{name}: only in the {'snapshot' if name in old.arrays else 'new run'}")
@@ -108,10 +134,21 @@ class GoldenArrays(_ToleranceSnapshot):
                     found.append(f"{name}: {agree} (need cosine >= {self.cosine_min})")
         return found
 
+    def problems(self, serialized_data: bytes, snapshot_data: bytes) -> list[str]:
+        new, old = self.deserialize(serialized_data), self.deserialize(snapshot_data)
+        found = self._value_problems(new, old)
+        changes = identity_changes(old.meta, new.meta)
+        if found:
+            found.append("made from other inputs than the snapshot: " + "; ".join(changes) if changes
+                         else "made from the same inputs as the snapshot: the numerics moved past the bound")
+        elif self.update and old.meta.get("model") != new.meta.get("model"):
+            found.append("values agree, but the model inputs changed: " + "; ".join(changes))
+        return found
 
-def extension_for(golden_dir: Path, cosine_min: float) -> type[GoldenArrays]:
+
+def extension_for(golden_dir: Path, cosine_min: float, update: bool = False) -> type[GoldenArrays]:
     """A GoldenArrays bound to one contract's folder and tolerance (syrupy takes a class)."""
-    return type("GoldenArrays", (GoldenArrays,), {"golden_dir": golden_dir, "cosine_min": cosine_min})
+    return type("GoldenArrays", (GoldenArrays,), {"golden_dir": golden_dir, "cosine_min": cosine_min, "update": update})
 
 
 @dataclass(frozen=True)
@@ -161,13 +198,15 @@ def baseline_extension_for(golden_dir: Path, tolerance: Tolerance) -> type[Basel
     return type("BaselineResults", (BaselineResults,), {"golden_dir": golden_dir, "tolerance": tolerance})
 
 
-def assert_snapshot(snapshot, extension: type, value, contract: str, missing: str, mismatch: str, expected: str, mark: str) -> None:
+def assert_snapshot(snapshot, extension: type, value, contract: str, missing: str, mismatch: str, expected: str, mark: str):
     """``value`` against its stored snapshot through ``extension``; the standard violation if it
-    is missing (``missing`` names it) or does not match (``mismatch``, with the extension's problems)."""
+    is missing (``missing`` names it) or does not match (``mismatch``, with the extension's problems).
+    Returns syrupy's result of the assertion that passed (what was recalled, whether it was written)."""
     assertion = snapshot.use_extension(extension)
-    if assertion == value:
-        return
+    matched = assertion == value
     result = assertion.executions[assertion.num_executions - 1]
+    if matched:
+        return result
     if result.recalled_data is None:
         fail(contract, missing, f"a snapshot at {result.snapshot_location}",
              f"none (write it with: pytest --kd-contracts … -m {mark} --snapshot-update)")

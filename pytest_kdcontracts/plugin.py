@@ -36,7 +36,8 @@ def pytest_configure(config: pytest.Config) -> None:
     session = KDSession.from_config(config)
     config.stash[SESSION_KEY] = session
     config.pluginmanager.register(fixtures, "kdcontracts-fixtures")
-    # The session counts verdicts itself (pytest_itemcollected, pytest_runtest_logreport).
+    # The session checks the artifacts at start and counts verdicts (pytest_sessionstart,
+    # pytest_runtest_logreport).
     config.pluginmanager.register(session, "kdcontracts-session")
     if config.args_source != pytest.Config.ArgsSource.ARGS:
         config.args = [str(session.contract_dir)]
@@ -57,13 +58,13 @@ def pytest_collect_file(file_path: Path, parent: pytest.Collector):
 def pytest_report_header(config: pytest.Config) -> list[str] | None:
     """https://docs.pytest.org/en/stable/reference/reference.html#pytest.hookspec.pytest_report_header"""
     session = config.stash.get(SESSION_KEY, None)
-    return session.header(config) if session else None
+    return session.header(config) if session and session.collects(config) else None
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Config) -> None:
     """https://docs.pytest.org/en/stable/reference/reference.html#pytest.hookspec.pytest_terminal_summary"""
     session = config.stash.get(SESSION_KEY, None)
-    if session is None or config.option.collectonly:
+    if session is None or config.option.collectonly or not session.outcomes:
         return
     terminalreporter.write_sep("=", "kdcontracts")
     for line in session.summary():

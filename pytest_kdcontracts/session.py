@@ -11,6 +11,7 @@ import pytest
 from pytest_kdcontracts.errors import ContractFileError
 
 MANIFEST = "manifest.json"
+REPORT_PROPERTY = "kdcontracts"  # user_properties key of a figure an item reports (kd_report)
 
 
 @dataclass(eq=False)  # registered as a pluggy plugin: must stay hashable
@@ -21,7 +22,6 @@ class KDSession:
     artifacts_dir: Path | None = None
     outcomes: dict[str, Counter] = field(default_factory=lambda: defaultdict(Counter))
     skip_reasons: Counter = field(default_factory=Counter)
-    keys: dict[str, str] = field(default_factory=dict)  # nodeid -> "file::check"
     notes: list[str] = field(default_factory=list)  # measured figures items report (kd_report)
 
     @classmethod
@@ -78,18 +78,52 @@ class KDSession:
                 lines.append(f"tokenizer {name:8s} unavailable ({str(exc).splitlines()[0]})")
         return lines
 
-    def pytest_itemcollected(self, item: pytest.Item) -> None:
-        check = getattr(item, "check", None)
-        if check is not None:
-            self.keys[item.nodeid] = f"{item.path.name}::{check.name}"
+    def collects(self, config: pytest.Config) -> bool:
+        """Whether this run's paths reach the contract folder (``pytest tests`` with the ini
+        option set does not, and must not need the artifacts)."""
+        for arg in config.args:
+            path = Path(arg.split("::")[0]).resolve()
+            if path.is_relative_to(self.contract_dir) or self.contract_dir.is_relative_to(path):
+                return True
+        return False
+
+    def artifacts_problem(self) -> str | None:
+        """Why the artifacts folder cannot be opened, or None."""
+        from kdtrain.artifacts import ArtifactsFolder
+        from kdtrain.errors import ArtifactError
+
+        if self.artifacts_dir is None:
+            return self.manifest_error
+        try:
+            ArtifactsFolder.open(self.artifacts_dir)
+        except ArtifactError as exc:
+            return str(exc)
+        return None
+
+    def pytest_sessionstart(self, session: pytest.Session) -> None:
+        """One clear error before collection, instead of every item failing with the same one."""
+        config = session.config
+        if config.option.collectonly or not self.collects(config):
+            return
+        problem = self.artifacts_problem()
+        if problem:
+            raise pytest.UsageError(
+                f"kdcontracts: the artifacts that {self.contract_dir} verifies are not there:\n  {problem}\n"
+                f"  Build them first (`make demo` in the kdcontracts repository, or `kdtrain pipeline --out DIR`), "
+                f"or name a built folder with --kd-artifacts DIR.")
 
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
-        """Count one item once: its call, or the setup/teardown that kept it from passing."""
-        key = self.keys.get(report.nodeid)
-        if key is None or (report.when != "call" and report.passed):
+        """Count one item once: its call, or the setup/teardown that kept it from passing.
+
+        Keyed by the report alone (node id and markers), so that reports coming back from
+        pytest-xdist workers count the same as local ones."""
+        if "kdcontract" not in report.keywords or (report.when != "call" and report.passed):
             return
+        path, _, name = report.nodeid.rpartition("::")
+        key = f"{Path(path).name}::{name.split('[')[0]}"
         outcome = "error" if report.when != "call" and report.failed else report.outcome
         self.outcomes[key][outcome] += 1
+        self.notes.extend(value for prop, value in report.user_properties if prop == REPORT_PROPERTY)
         if report.skipped and isinstance(report.longrepr, tuple):
             self.skip_reasons[report.longrepr[2]] += 1
 
@@ -101,7 +135,7 @@ class KDSession:
             verdict = "FAILED" if counts["failed"] or counts["error"] else ("skipped" if not counts["passed"] else "passed")
             detail = ", ".join(f"{n} {o}" for o, n in sorted(counts.items()))
             lines.append(f"{verdict:7s} {key:{width}s}  {detail}")
-        lines.extend(self.notes)
+        lines.extend(sorted(self.notes))
         for reason, n in self.skip_reasons.most_common():
             lines.append(f"skipped {n}x: {reason}")
         total = Counter()

@@ -69,26 +69,64 @@ def test_off_by_one_kv_index_fails_prefill_decode(golden_workspace, reference_ar
     ])
 
 
-def test_snapshot_made_for_another_model_fails(golden_workspace):
-    path = next((golden_workspace.pytester.path / "golden/coreml_contract").glob("golden*prefill-64*.npz"))
+def _edit_snapshot(workspace, item: str, change_meta, change_arrays=lambda arrays: None):
+    """Rewrite one stored golden snapshot as another machine or another model would have made it."""
+    path = workspace.pytester.path / f"golden/coreml_contract/golden[{item}].npz"
     with np.load(path, allow_pickle=False) as npz:
         arrays = {k: npz[k] for k in npz.files}
     meta = json.loads(arrays["__meta__"].tobytes())
-    meta["model"] = "student.checkpoint sha256:" + "e" * 64
-    arrays["__meta__"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
-    rng = np.random.default_rng(0)
-    arrays["torch_logits"] = rng.permutation(arrays["torch_logits"])  # another model's outputs
-    arrays["backend_logits"] = rng.permutation(arrays["backend_logits"])
+    change_meta(meta)
+    change_arrays(arrays)
+    arrays["__meta__"] = np.frombuffer(json.dumps(meta, sort_keys=True).encode(), dtype=np.uint8)
     buffer = io.BytesIO()
     np.savez_compressed(buffer, **arrays)
     path.write_bytes(buffer.getvalue())
+    return path
+
+
+def test_snapshot_of_another_model_fails_naming_the_inputs_that_differ(golden_workspace):
+    rng = np.random.default_rng(0)
+
+    def another_model(arrays):
+        arrays["torch_logits"] = rng.permutation(arrays["torch_logits"])
+        arrays["backend_logits"] = rng.permutation(arrays["backend_logits"])
+
+    _edit_snapshot(golden_workspace, "prefill-64", lambda m: m["model"].update(config="e" * 64), another_model)
     result = golden_workspace.run("-m", "golden", "-k", "golden and 64")
     assert golden_workspace.failed(result) == {"golden[prefill-64]"}
     result.stdout.fnmatch_lines([
         "*prefill-64 against its golden snapshot*",
-        "*snapshot made for model student.checkpoint sha256:eeee*, the artifacts hold student.distilled from student.checkpoint sha256:*",
         "*torch_logits: cosine *",
+        "*made from other inputs than the snapshot: config: eeee* -> *",
     ])
+
+
+def test_snapshot_from_another_machine_passes_when_values_agree(golden_workspace):
+    """Another CPU: other teacher-cache and weight bytes, logits that agree at cosine ~0.99999."""
+    rng = np.random.default_rng(1)
+
+    def other_numerics(meta):
+        meta["numerics"] = {k: "sha256:" + "a" * 64 for k in meta["numerics"]}
+
+    def drifted(arrays):
+        for name in ("torch_logits", "backend_logits"):
+            arrays[name] = arrays[name] + rng.normal(0, 1e-3 * arrays[name].std(), arrays[name].shape).astype(np.float32)
+
+    path = _edit_snapshot(golden_workspace, "decode-64", other_numerics, drifted)
+    before = path.read_bytes()
+    result = golden_workspace.run("-m", "golden", "-k", "golden and 64")
+    assert golden_workspace.failed(result) == set()
+    result.stdout.fnmatch_lines(["*golden[[]decode-64[]]: values agree with the snapshot made from other inputs (teacher.cache: sha256:aaaa*"])
+    golden_workspace.run("-m", "golden", "-k", "golden and 64", "--snapshot-update")
+    assert path.read_bytes() == before, "numerics alone must not rewrite a snapshot (no churn across machines)"
+
+
+def test_snapshot_update_records_changed_model_inputs(golden_workspace):
+    path = _edit_snapshot(golden_workspace, "prefill-128", lambda m: m["model"].update(steps=999))
+    assert golden_workspace.run("-m", "golden", "-k", "golden and prefill-128").ret == 0  # values agree: passes
+    golden_workspace.run("-m", "golden", "-k", "golden and prefill-128", "--snapshot-update")
+    with np.load(path, allow_pickle=False) as npz:
+        assert json.loads(npz["__meta__"].tobytes())["model"]["steps"] != 999
 
 
 def test_missing_snapshot_names_the_update_command(workspace):

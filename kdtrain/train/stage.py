@@ -52,11 +52,16 @@ def stage_distill(ctx: StageContext) -> None:
     folder.record("distill.run", RUN, "run/distill", "distill")
     folder.record("distill.report", REPORT, "report/distill", "distill")
     folder.record(DISTILLED, STUDENT, "checkpoint/transformers", "distill")
-    # What made the distilled student: its bytes also depend on the CPU's float summation order.
-    identity = (f"from {initial}, config {config.fingerprint()}, data.corpus sha256:{folder.entry('data.corpus').sha256}, "
-                f"teacher.cache sha256:{folder.entry('teacher.cache').sha256}, {result.step} steps")
+    # What made the distilled student, split in two: the inputs that define it, and the files
+    # whose bytes vary with the CPU's float summation order (the teacher cache's FP16 log-probs,
+    # the trained weights). Golden snapshots record both and are judged by their values alone.
+    teacher = folder.manifest.stages["teacher"].settings
+    identity = {"initial": initial, "config": config.fingerprint(), "data.corpus": f"sha256:{folder.entry('data.corpus').sha256}",
+                "teacher": f"{teacher['teacher']} {teacher['mode']} top-{teacher['top_k']}", "steps": result.step}
+    numerics = {"teacher.cache": f"sha256:{folder.entry('teacher.cache').sha256}",
+                DISTILLED: f"sha256:{folder.entry(DISTILLED).sha256}"}
     folder.record_stage("distill", {"config": str(ctx.distill_config), "fingerprint": config.fingerprint(), "student": initial,
-                                    "steps": result.step, "alerts": len(result.alerts), "identity": identity})
+                                    "steps": result.step, "alerts": len(result.alerts), "identity": identity, "numerics": numerics})
 
 
 def stage_ablations(ctx: StageContext) -> None:

@@ -15,7 +15,7 @@ from typing import Iterator
 import numpy as np
 
 from pytest_kdcontracts.check import Check, fail
-from pytest_kdcontracts.golden import GoldenRecord, agreement, assert_snapshot, extension_for
+from pytest_kdcontracts.golden import GoldenArrays, GoldenRecord, agreement, assert_snapshot, extension_for, identity_changes
 
 
 def _prompt(c, kd_tokenizers, length: int) -> list[int]:
@@ -33,7 +33,7 @@ def _run(host, function: str, prompt: list[int], token: int | None = None) -> tu
     return logits, token
 
 
-def check_golden(c, function: str, length: int, kd_runtime, kd_tokenizers, snapshot) -> None:
+def check_golden(c, function: str, length: int, kd_runtime, kd_tokenizers, snapshot, kd_report) -> None:
     runtime = kd_runtime.for_length(length, c.host_api_version)
     prompt = _prompt(c, kd_tokenizers, length)
     expected, token = _run(runtime.torch_host, function, prompt)
@@ -42,14 +42,19 @@ def check_golden(c, function: str, length: int, kd_runtime, kd_tokenizers, snaps
     agree = agreement(expected, found)
     if not agree.ok(c.golden.cosine_min):
         fail(c.file.name, subject, f"cosine >= {c.golden.cosine_min}, no NaN or Inf", str(agree))
+    model, numerics = kd_runtime.identity
     record = GoldenRecord(
         {"input_prompt": np.asarray(prompt, dtype=np.int32), "input_token": np.asarray([token], dtype=np.int32),
          "torch_logits": expected.astype(np.float32), "backend_logits": found.astype(np.float32)},
-        {"model": kd_runtime.model_id, "function": function, "length": length, "host_api_version": c.host_api_version},
+        {"model": model, "numerics": numerics, "function": function, "length": length, "host_api_version": c.host_api_version},
     )
-    assert_snapshot(snapshot, extension_for(c.golden.dir, c.golden.cosine_min), record, c.file.name,
-                    f"golden snapshot of {function}-{length}", f"{function}-{length} against its golden snapshot",
-                    f"agreement within cosine {c.golden.cosine_min}", "golden")
+    extension = extension_for(c.golden.dir, c.golden.cosine_min, snapshot.update_snapshots)
+    result = assert_snapshot(snapshot, extension, record, c.file.name, f"golden snapshot of {function}-{length}",
+                             f"{function}-{length} against its golden snapshot", f"agreement within cosine {c.golden.cosine_min}", "golden")
+    if result.recalled_data is not None and not result.updated:
+        changes = identity_changes(GoldenArrays.deserialize(result.recalled_data).meta, record.meta)
+        if changes:
+            kd_report(f"golden[{function}-{length}]: values agree with the snapshot made from other inputs ({'; '.join(changes)})")
 
 
 def check_prefill_decode(c, length: int, kd_runtime, kd_tokenizers) -> None:
@@ -86,6 +91,6 @@ def check_prefill_decode(c, length: int, kd_runtime, kd_tokenizers) -> None:
 def checks(c) -> Iterator[Check]:
     fixtures = ("kd_runtime", "kd_tokenizers")
     for function, length in c.items():
-        yield Check("golden", (function, str(length)), partial(check_golden, c, function, length), fixtures + ("snapshot",), marks=("golden",))
+        yield Check("golden", (function, str(length)), partial(check_golden, c, function, length), fixtures + ("snapshot", "kd_report"), marks=("golden",))
     for length in c.lengths:
         yield Check("prefill_decode", (str(length),), partial(check_prefill_decode, c, length), fixtures, marks=("golden",))
