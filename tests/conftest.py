@@ -24,8 +24,25 @@ TEST_LENGTHS = [64, 128]
 TEST_SAMPLES_PER_SCENARIO = 3
 
 
+def _import_the_plugin_whole() -> None:
+    """Import every plugin module (and so coremltools and torch) in this process once.
+
+    pytester's in-process runs drop the modules a run imported when it ends; re-importing
+    coremltools' and torch's C extensions in the next run crashes the interpreter."""
+    import importlib
+    import pkgutil
+
+    import pytest_kdcontracts
+    from kdtrain.runtime.backend import describe_backend
+
+    describe_backend()
+    for module in pkgutil.walk_packages(pytest_kdcontracts.__path__, "pytest_kdcontracts."):
+        importlib.import_module(module.name)
+
+
 @pytest.fixture(scope="session")
 def test_contracts(tmp_path_factory) -> Path:
+    _import_the_plugin_whole()
     folder = tmp_path_factory.mktemp("contracts") / "contracts"
     shutil.copytree(REPO / "contracts", folder)
     coreml = json.loads((folder / "coreml_contract.json").read_text())

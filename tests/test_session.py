@@ -41,7 +41,7 @@ def test_ini_option_collects_the_contracts_when_no_paths_are_given(pytester, tes
     # Naming tests/ runs the project's own tests alone, without needing the artifacts.
     plain = pytester.runpytest_inprocess("-p", "no:cacheprovider", "tests")
     plain.assert_outcomes(passed=1)
-    assert "kdcontracts" not in plain.stdout.str()
+    assert "kdcontracts: contracts" not in plain.stdout.str()
 
 
 def test_xdist_gives_the_same_verdicts_and_summary(workspace):
