@@ -110,10 +110,11 @@ class CoreMLPackages:
 
     def session(self, length: int, precision: str = "fp16"):
         """A backend session (Core ML on macOS, the MIL executor elsewhere) for one package."""
-        from kdtrain.runtime.backend import open_package
+        from kdtrain.runtime.backend import backend_name, open_package
 
         if (length, precision) not in self._sessions:
-            self._sessions[length, precision] = open_package(self.package(length, precision))
+            program = self.mil(length, precision) if backend_name() == "mil-reference" else None  # parsed once
+            self._sessions[length, precision] = open_package(self.package(length, precision), program=program)
         return self._sessions[length, precision]
 
 
@@ -121,6 +122,32 @@ class CoreMLPackages:
 def kd_coreml(kd_artifacts) -> CoreMLPackages:
     """Converted mlpackages by length: ``.package(L)``, ``.io(L)`` (spec), ``.mil(L)`` (MIL program)."""
     return CoreMLPackages(kd_artifacts)
+
+
+class _OncePerPrompt:
+    """A host whose prefill of one prompt runs once a session: golden[prefill], golden[decode]
+    and prefill_decode of a length all start from the same prompt, and a prefill at L=4096 is
+    the costliest call the contracts make. Each caller gets its own copy of the state (decode
+    writes it); a runtime that cannot copy one (Core ML's MLState) runs the prefill again."""
+
+    def __init__(self, host):
+        self._host, self._done = host, {}
+
+    def prefill(self, prompt: list[int]):
+        from kdtrain.runtime.host import HostState
+
+        copy = self._host.session.copy_state
+        key = tuple(prompt)
+        if key not in self._done:
+            state, logits = self._host.prefill(prompt)
+            if copy(state.cache) is None:
+                return state, logits
+            self._done[key] = (state, logits)
+        state, logits = self._done[key]
+        return HostState(state.position, copy(state.cache)), logits.copy()
+
+    def __getattr__(self, name):
+        return getattr(self._host, name)
 
 
 class Runtime:
@@ -162,8 +189,8 @@ class Runtime:
             self._by_length[length] = SimpleNamespace(
                 backend=session.backend,
                 session=session,
-                host=Host(session, length, pad_id),
-                torch_host=Host(TorchSession(self.student, length), length, pad_id),
+                host=_OncePerPrompt(Host(session, length, pad_id)),
+                torch_host=_OncePerPrompt(Host(TorchSession(self.student, length), length, pad_id)),
                 student=self.student,
             )
         return self._by_length[length]

@@ -19,6 +19,9 @@ class Session(Protocol):
 
     def new_state(self): ...
 
+    def copy_state(self, state):
+        """An independent copy of ``state``, or None where the runtime cannot copy one (MLState)."""
+
     def predict(self, function: str, inputs: dict[str, np.ndarray], state) -> dict[str, np.ndarray]: ...
 
 
@@ -35,13 +38,18 @@ def describe_backend() -> str:
 class MILSession:
     backend = "mil-reference"
 
-    def __init__(self, package: Path):
+    def __init__(self, package: Path, program=None):
         from kdtrain.runtime.mil_executor import MILExecutor
 
-        self.executor = MILExecutor(package)
+        self.executor = MILExecutor(package, program)
 
     def new_state(self):
         return self.executor.new_state()
+
+    def copy_state(self, state):
+        from kdtrain.runtime.mil_executor import State
+
+        return State({name: value.copy() for name, value in state.values.items()})
 
     def predict(self, function, inputs, state):
         return self.executor.predict(function, inputs, state)
@@ -66,6 +74,9 @@ class CoreMLSession:
     def new_state(self):
         return self._model("prefill").make_state()
 
+    def copy_state(self, state):
+        return None  # an MLState cannot be copied: callers run the prefill again
+
     def predict(self, function, inputs, state):
         return {k: np.asarray(v) for k, v in self._model(function).predict(inputs, state=state).items()}
 
@@ -87,6 +98,9 @@ class TorchSession:
         prefill = self.programs["prefill"]
         return {"k_cache": prefill.k_cache.clone().zero_(), "v_cache": prefill.v_cache.clone().zero_()}
 
+    def copy_state(self, state):
+        return {name: value.clone() for name, value in state.items()}
+
     def predict(self, function, inputs, state):
         import torch
 
@@ -103,10 +117,11 @@ class TorchSession:
         return state[name].numpy().copy()
 
 
-def open_package(package: Path, backend: str | None = None) -> Session:
+def open_package(package: Path, backend: str | None = None, program=None) -> Session:
+    """``program``: the package's MIL program if already read (the executor shares it)."""
     backend = backend or backend_name()
     if backend == "coreml":
         return CoreMLSession(package)
     if backend == "mil-reference":
-        return MILSession(package)
+        return MILSession(package, program)
     raise ValueError(f"backend: expected 'coreml' or 'mil-reference', found {backend!r}")

@@ -55,9 +55,10 @@ _KERNEL_PARAMS = {name: frozenset(inspect.signature(kernel).parameters) for name
 
 
 class MILExecutor:
-    def __init__(self, package: Path | str):
+    def __init__(self, package: Path | str, program=None):
+        """``program``: the package's MIL program when the caller has read it already (read-only here)."""
         self.package = Path(package)
-        self.program = load_mil(self.package)
+        self.program = load_mil(self.package) if program is None else program
         self._consts: dict[str, dict[str, np.ndarray]] = {}
 
     @property
