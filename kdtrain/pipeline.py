@@ -7,7 +7,9 @@ stage reads what earlier stages wrote through the manifest, never through memory
 from __future__ import annotations
 
 import importlib
+import logging
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -18,6 +20,8 @@ from kdtrain import atomic
 from kdtrain.artifacts import ArtifactsFolder
 from kdtrain.teacher import gguf
 from kdtrain.tokenizers.fingerprint import TOKENIZER_JSON
+
+log = logging.getLogger("kdtrain.pipeline")
 
 
 @dataclass
@@ -112,7 +116,11 @@ def run_pipeline(out: Path | str, stages: list[str] | None = None, contracts: Pa
     unknown = [s for s in names if s not in STAGES]
     if unknown:
         raise ValueError(f"--stages: expected some of {list(STAGES)}, found {unknown}")
+    seconds = {}
     for name in (bar := tqdm(names, desc="kdtrain pipeline", unit="stage")):
         bar.set_postfix_str(name)
+        start = time.perf_counter()
         STAGES[name](ctx)
+        seconds[name] = time.perf_counter() - start
+    log.info("stage times: %s", ", ".join(f"{name} {s:.0f} s" for name, s in seconds.items()))
     return folder
