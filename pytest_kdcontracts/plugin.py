@@ -61,8 +61,11 @@ def pytest_report_header(config: pytest.Config) -> list[str] | None:
     return session.header(config) if session and session.collects(config) else None
 
 
+@pytest.hookimpl(trylast=True)
 def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Config) -> None:
-    """https://docs.pytest.org/en/stable/reference/reference.html#pytest.hookspec.pytest_terminal_summary"""
+    """https://docs.pytest.org/en/stable/reference/reference.html#pytest.hookspec.pytest_terminal_summary
+
+    Last, whatever order the plugins were installed in: the verdicts close the report."""
     session = config.stash.get(SESSION_KEY, None)
     if session is None or config.option.collectonly or not session.outcomes:
         return
