@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, given, settings
 
-from pytest_kdcontracts.errors import ContractFileError
-from pytest_kdcontracts.loader import load_contract, schema_validator
+from kdcontracts.errors import ContractFileError
+from kdcontracts.loader import load_contract, schema_validator
 from schema_faults import apply, fault_strategy, faults
 
 REPO = Path(__file__).resolve().parents[1]
@@ -109,7 +109,7 @@ def test_unknown_contract_file_is_an_error_not_ignored(workspace):
 def test_bad_yaml_reports_line_and_column(tmp_path):
     path = tmp_path / "x.yaml"
     path.write_text("a: [1, 2\nb: 3\n")
-    from pytest_kdcontracts.loader import parse_document
+    from kdcontracts.loader import parse_document
 
     with pytest.raises(ContractFileError) as info:
         parse_document(path)
