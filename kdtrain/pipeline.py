@@ -33,10 +33,10 @@ class StageContext:
     distill_config: Path = Path("configs/distill_reference.yaml")  # the trainer's config (distill stage)
 
     def contract(self, file_name: str) -> Any:
-        """A contract file, schema-validated and typed by the plugin's family for it."""
-        from pytest_kdcontracts.contracts import family_for
+        """A contract file, schema-validated and typed by the contract language (:mod:`kdcontracts`)."""
+        from kdcontracts.families import load
 
-        return family_for(Path(file_name)).load(self.contracts / file_name)
+        return load(self.contracts / file_name)
 
 
 def stage_tokenizers(ctx: StageContext) -> None:

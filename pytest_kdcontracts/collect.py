@@ -12,9 +12,10 @@ from pathlib import Path
 
 import pytest
 
+from kdcontracts import families
 from pytest_kdcontracts.check import Check
-from pytest_kdcontracts.contracts import family_for
-from pytest_kdcontracts.errors import ArtifactError, ContractFileError, ContractViolation, Problem
+from pytest_kdcontracts.contracts import checks
+from pytest_kdcontracts.errors import ArtifactError, ContractFileError, ContractViolation
 
 
 def _test_function(check: Check):
@@ -54,14 +55,9 @@ class ContractFile(pytest.File):
     """A contract file; loading and schema validation happen here, at collection."""
 
     def collect(self):
-        family = family_for(self.path)
-        if family is None:
-            from pytest_kdcontracts.contracts import FAMILIES
-
-            known = sorted(f.file_name for f in FAMILIES)
-            raise ContractFileError(str(self.path), [Problem("(file name)", f"one of {known}", repr(self.path.name))])
-        contract = family.load(self.path)
-        for check in family.checks(contract):
+        contract = families.load(self.path)
+        family = families.family_for(self.path)
+        for check in checks(family, contract):
             yield make_item(self, check, (family.mark, *check.marks))
 
     def repr_failure(self, excinfo):

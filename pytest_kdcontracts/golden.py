@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 from syrupy.extensions.single_file import SingleFileSnapshotExtension, WriteMode
 
+from kdcontracts.models.ablations import Tolerance
 from pytest_kdcontracts.check import fail
 
 
@@ -149,13 +150,6 @@ class GoldenArrays(_ToleranceSnapshot):
 def extension_for(golden_dir: Path, cosine_min: float, update: bool = False) -> type[GoldenArrays]:
     """A GoldenArrays bound to one contract's folder and tolerance (syrupy takes a class)."""
     return type("GoldenArrays", (GoldenArrays,), {"golden_dir": golden_dir, "cosine_min": cosine_min, "update": update})
-
-
-@dataclass(frozen=True)
-class Tolerance:
-    metric_rel: float  # a metric may move by this fraction of the baseline's value...
-    metric_abs: float  # ...or by this much, whichever is larger
-    sample_agreement: float  # share of greedy tokens that must equal the baseline's
 
 
 class BaselineResults(_ToleranceSnapshot):

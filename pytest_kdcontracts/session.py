@@ -26,7 +26,7 @@ class KDSession:
 
     @classmethod
     def from_config(cls, config: pytest.Config) -> "KDSession":
-        from pytest_kdcontracts.contracts import family_for
+        from kdcontracts.families import family_for
 
         contract_dir = Path(config.getoption("kd_contracts")).resolve()
         override = config.getoption("kd_artifacts")

@@ -10,7 +10,7 @@ from typing import Any, Iterator
 
 from hypothesis import strategies as st
 
-from pytest_kdcontracts.loader import key_path
+from kdcontracts.loader import key_path
 
 # A value of each JSON type, used to plant a value of a type the schema does not allow.
 SAMPLES = {"string": "oops", "integer": 7, "number": 2.5, "boolean": True, "null": None, "array": [1], "object": {"k": 1}}

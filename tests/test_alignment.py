@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 
+from kdcontracts.families import family_for
 from kdtrain.artifacts import ArtifactsFolder
 from kdtrain.data.calls import CODE_TOOL
 from kdtrain.data.chat import IGNORE_INDEX, render_chat
@@ -28,7 +29,6 @@ from kdtrain.teacher.base import TeacherResponse
 from kdtrain.teacher.cache import TeacherCache
 from kdtrain.teacher.stage import CACHE, teacher_requests
 from kdtrain.tokenizers.load import Tokenizer, load_tokenizer
-from pytest_kdcontracts.contracts import family_for
 
 ASSISTANT_TAGS = ("<think>", "</think>", "<tool_call>", "</tool_call>")
 

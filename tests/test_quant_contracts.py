@@ -97,12 +97,12 @@ def test_norm_weight_quantized_against_the_recipe_fails_conformance(reference_ar
     from kdtrain.artifacts import ArtifactsFolder
     from kdtrain.quant.recipe import const_name
     from kdtrain.quant.stage import student_modules
-    from pytest_kdcontracts.contracts.quant import check_conformance, parse
+    from kdcontracts.families import load
+    from pytest_kdcontracts.contracts.quant import check_conformance
     from pytest_kdcontracts.errors import ContractViolation
-    from pytest_kdcontracts.loader import load_contract
 
     artifacts = ArtifactsFolder.open(reference_artifacts)
-    contract = parse(test_contracts / "quant_recipe.yaml", load_contract(test_contracts / "quant_recipe.yaml", "quant_recipe.schema.json"))
+    contract = load(test_contracts / "quant_recipe.yaml")
     settings = contract.recipe.resolve(student_modules(artifacts))
 
     @mb.program(input_specs=[mb.TensorSpec(shape=(1,))], opset_version=__import__("coremltools").target.iOS18)

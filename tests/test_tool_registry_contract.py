@@ -13,6 +13,9 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, given, settings
 
+from kdcontracts.errors import ContractFileError
+from kdcontracts.families import family_for
+from kdcontracts.loader import load_contract, schema_validator
 from kdtrain.artifacts import ArtifactsFolder
 from kdtrain.data.calls import find_blocks
 from kdtrain.data.chat import Message
@@ -21,9 +24,6 @@ from kdtrain.data.registry import ToolRegistry
 from kdtrain.data.settings import CorpusSettings
 from kdtrain.data.stage import stage_data
 from kdtrain.pipeline import StageContext
-from pytest_kdcontracts.contracts import family_for
-from pytest_kdcontracts.errors import ContractFileError
-from pytest_kdcontracts.loader import load_contract, schema_validator
 from schema_faults import apply, fault_strategy, faults
 
 REPO = Path(__file__).resolve().parents[1]

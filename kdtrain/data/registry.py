@@ -4,8 +4,8 @@ the declared migrations from older tool-schema versions.
 
 Data written against one registry is trained on for another runtime only if the versions are
 compatible (:func:`compatible`); otherwise it is migrated first (``kdtrain.data.migrate``) or
-refused. Schema validation and cross-reference checks of the file happen in the plugin's
-family (``pytest_kdcontracts.contracts.tool_registry``); :func:`load_registry` goes through it.
+refused. Schema validation and cross-reference checks of the file happen in the contract
+language (``kdcontracts.models.tool_registry``); :func:`load_registry` goes through it.
 """
 
 from __future__ import annotations
@@ -153,7 +153,7 @@ class ToolRegistry:
 
 def load_registry(path: Path | str) -> ToolRegistry:
     """Read a registry file exactly as the plugin reads ``contracts/tool_registry.json``."""
-    from pytest_kdcontracts.contracts import family_for
+    from kdcontracts.families import family_for  # its model types the file with this module's ToolRegistry
 
     path = Path(path)
     if not path.is_file():

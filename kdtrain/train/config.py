@@ -15,7 +15,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from collections.abc import Hashable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Annotated, Any, Literal, get_args
@@ -24,6 +23,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
+from kdcontracts.loader import UniqueKeyLoader
 from kdtrain.errors import ConfigError, located
 
 LossName = Literal["kl", "ce", "tool_name", "tool_args", "tool_integration", "length", "halt",
@@ -275,25 +275,6 @@ def allowed(change: Change, paths: tuple[str, ...]) -> bool:
 
 # --- loading -------------------------------------------------------------------------------
 
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """PyYAML keeps the last of two equal keys; a silently overridden loss weight is refused instead."""
-
-
-def _construct_unique_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
-    loader.flatten_mapping(node)
-    seen = set()
-    for key_node, _ in node.value:
-        key = loader.construct_object(key_node, deep=deep)
-        if isinstance(key, Hashable):  # an unhashable key is construct_mapping's to report
-            if key in seen:
-                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
-            seen.add(key)
-    return loader.construct_mapping(node, deep=deep)
-
-
-_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_unique_mapping)
-
-
 def _key(parts: list) -> str:
     return "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in parts).lstrip(".") or "(top level)"
 
@@ -340,7 +321,7 @@ def load_config(path: Path | str) -> DistillConfig:
     """Read and validate a YAML config; a :class:`ConfigError` names file, key, expected, found."""
     path = Path(path)
     try:
-        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=UniqueKeyLoader)
     except OSError as exc:
         raise ConfigError(located(path, None, "a readable YAML file", exc.strerror or exc)) from None
     except UnicodeDecodeError as exc:

@@ -9,27 +9,13 @@ and each one's metrics and sample outputs agree with its stored baseline.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from functools import partial
-from pathlib import Path
 from typing import Iterator
 
-from kdtrain.train.ablations import EXPERIMENTS, Protocol
+from kdcontracts.models.ablations import AblationsContract
+from kdtrain.train.ablations import EXPERIMENTS
 from pytest_kdcontracts.check import Check, fail
-from pytest_kdcontracts.golden import Tolerance, assert_snapshot, baseline_extension_for
-
-
-@dataclass(frozen=True)
-class AblationsContract:
-    file: Path
-    protocol: Protocol
-    dir: Path  # syrupy snapshots (resolved against the contract file)
-    tolerance: Tolerance
-
-
-def parse(path: Path, data: dict) -> AblationsContract:
-    return AblationsContract(path, Protocol(**data["protocol"]), (path.parent / data["baselines"]["dir"]).resolve(),
-                             Tolerance(**data["tolerance"]))
+from pytest_kdcontracts.golden import assert_snapshot, baseline_extension_for
 
 
 def _results(kd_artifacts) -> dict:

@@ -4,30 +4,13 @@ and look like log-probabilities."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from functools import partial
-from pathlib import Path
 from typing import Iterator
 
 import numpy as np
 
-from kdtrain.data.settings import CorpusSettings
-from kdtrain.teacher.fill import TeacherSettings
+from kdcontracts.models.distill_data import DataContract
 from pytest_kdcontracts.check import Check, fail
-
-
-@dataclass(frozen=True)
-class DataContract:
-    file: Path
-    corpus: CorpusSettings
-    teacher: TeacherSettings
-    max_missing_ratio: float
-
-
-def parse(path: Path, data: dict) -> DataContract:
-    t = data["teacher"]
-    teacher = TeacherSettings(t["name"], tuple(t["versions"]), t["mode"], t["top_k"], t["max_new_tokens"])
-    return DataContract(path, CorpusSettings(**data["corpus"]), teacher, t["max_missing_ratio"])
 
 
 def check_corruption_rate(c: DataContract, kd_artifacts) -> None:

@@ -3,32 +3,11 @@ from the graph summary kdtrain wrote into the artifacts folder."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from functools import partial
-from pathlib import Path
 from typing import Iterator
 
-from kdtrain.export.lint import LintRules
+from kdcontracts.models.export_lint import ExportLintContract
 from pytest_kdcontracts.check import Check, fail
-from pytest_kdcontracts.contracts import load_sibling
-
-
-@dataclass(frozen=True)
-class ExportLintContract:
-    file: Path
-    rules: LintRules
-    coreml: object  # CoreMLContract
-
-
-def parse(path: Path, data: dict) -> ExportLintContract:
-    rules = LintRules(
-        denylist=tuple(data["denylist"]),
-        int64_sinks=tuple(data["int64_sinks"]),
-        mask_inputs=tuple(data["mask_inputs"]),
-        cast_ops=tuple(data["cast_ops"]),
-        cast_baseline=dict(data["cast_baseline"]),
-    )
-    return ExportLintContract(path, rules, load_sibling(path, "coreml_contract.json"))
 
 
 def check_lint(c: ExportLintContract, function: str, length: int, kd_artifacts) -> None:

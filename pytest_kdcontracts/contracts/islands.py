@@ -3,27 +3,12 @@ converted MIL program of every function and length. An island that matches nothi
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from functools import partial
-from pathlib import Path
 from typing import Iterator
 
-from kdtrain.coreml.convert import Island
+from kdcontracts.models.islands import IslandsContract
 from kdtrain.coreml.inspect import dtype_name
 from pytest_kdcontracts.check import Check, fail
-from pytest_kdcontracts.contracts import load_sibling
-
-
-@dataclass(frozen=True)
-class IslandsContract:
-    file: Path
-    islands: tuple[Island, ...]
-    coreml: object  # CoreMLContract: the functions and lengths to check
-
-
-def parse(path: Path, data: dict) -> IslandsContract:
-    islands = tuple(Island(i["name"], tuple(i["op_types"]), i.get("name_pattern")) for i in data["islands"])
-    return IslandsContract(path, islands, load_sibling(path, "coreml_contract.json"))
 
 
 def _operations(block):

@@ -1,22 +1,11 @@
-"""``manifest.json`` of a contract folder: where the artifacts are; one check that they are there."""
+"""``manifest.json`` of a contract folder: one check that the artifacts folder it names is there."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Iterator
 
+from kdcontracts.models.manifest import ContractManifest
 from pytest_kdcontracts.check import Check
-
-
-@dataclass(frozen=True)
-class ContractManifest:
-    file: Path
-    artifacts: Path  # as written, resolved against the contract folder
-
-
-def parse(path: Path, data: dict) -> ContractManifest:
-    return ContractManifest(path, (path.parent / data["artifacts"]).resolve())
 
 
 def _artifacts_open(kd_artifacts) -> None:

@@ -3,27 +3,14 @@ stay close enough to the FP16 ones (A/B through the same backend), and never pro
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from functools import partial
-from pathlib import Path
 from typing import Iterator
 
 import numpy as np
 
-from kdtrain.quant.recipe import Quantize, Recipe, const_name
+from kdcontracts.models.quant import QuantContract
+from kdtrain.quant.recipe import Quantize, const_name
 from pytest_kdcontracts.check import Check, fail
-from pytest_kdcontracts.contracts import load_sibling
-
-
-@dataclass(frozen=True)
-class QuantContract:
-    file: Path
-    recipe: Recipe
-    coreml: object  # CoreMLContract
-
-
-def parse(path: Path, data: dict) -> QuantContract:
-    return QuantContract(path, Recipe.from_json(data), load_sibling(path, "coreml_contract.json"))
 
 
 def _settings(c: QuantContract, kd_artifacts):

@@ -1,7 +1,8 @@
 """Read a contract file (JSON or YAML) and validate it against the JSON Schema shipped for it.
 
 Every failure becomes a :class:`ContractFileError` listing each problem as key path,
-expected and found; nothing here lets a parser's or validator's traceback escape.
+expected and found; nothing here lets a parser's or validator's traceback escape. The YAML
+loader that refuses duplicate keys is the one every YAML file of the project is read with.
 """
 
 from __future__ import annotations
@@ -12,10 +13,11 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+import yaml
 from jsonschema import Draft202012Validator, validators
 from jsonschema.exceptions import ValidationError
 
-from pytest_kdcontracts.errors import ContractFileError, Problem
+from kdcontracts.errors import ContractFileError, Problem
 
 _JSON_TYPES = {dict: "object", list: "array", str: "string", bool: "boolean", int: "integer", float: "number", type(None): "null"}
 
@@ -88,10 +90,38 @@ def _problem(error: ValidationError) -> Problem:
 
 @lru_cache(maxsize=None)
 def schema_validator(schema_name: str):
-    text = resources.files("pytest_kdcontracts.schemas").joinpath(schema_name).read_text(encoding="utf-8")
+    text = resources.files("kdcontracts.schemas").joinpath(schema_name).read_text(encoding="utf-8")
     schema = json.loads(text)
     _StrictValidator.check_schema(schema)
     return _StrictValidator(schema)
+
+
+class DuplicateKeyError(yaml.constructor.ConstructorError):
+    """Two equal keys in one YAML mapping; both marks are kept so the message names both lines."""
+
+    def __init__(self, key, first: yaml.Mark, again: yaml.Mark):
+        self.key, self.first_line, self.again_line = key, first.line + 1, again.line + 1
+        super().__init__(f"{key!r} first at line {self.first_line}", first, f"duplicate key {key!r}", again)
+
+
+class UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML keeps the last of two equal keys, silently; a second value is refused instead."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            first: dict = {}
+            # Before merge keys (<<) are flattened: overriding a merged key is YAML, not a duplicate.
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=deep)
+                try:
+                    if key in first:
+                        raise DuplicateKeyError(key, first[key], key_node.start_mark)
+                    first[key] = key_node.start_mark
+                except TypeError:  # unhashable: the base constructor reports it
+                    break
+        return super().construct_mapping(node, deep=deep)
 
 
 def _reject_duplicates(pairs):
@@ -111,10 +141,11 @@ def parse_document(path: Path) -> Any:
     except UnicodeDecodeError as exc:
         raise ContractFileError(file, [Problem("(document)", "UTF-8 text", f"undecodable byte at offset {exc.start}")]) from None
     if path.suffix in (".yaml", ".yml"):
-        import yaml
-
         try:
-            return yaml.safe_load(text)
+            return yaml.load(text, Loader=UniqueKeyLoader)
+        except DuplicateKeyError as exc:
+            found = f"{exc.key!r} at line {exc.first_line} and again at line {exc.again_line}"
+            raise ContractFileError(file, [Problem(str(exc.key), "unique keys in every mapping", found)]) from None
         except yaml.YAMLError as exc:
             mark = getattr(exc, "problem_mark", None)
             where = f" at line {mark.line + 1} column {mark.column + 1}" if mark else ""
@@ -129,9 +160,18 @@ def parse_document(path: Path) -> Any:
 
 
 def load_contract(path: Path, schema_name: str) -> Any:
-    """Parse and schema-validate; returns the plain document (families type it themselves)."""
+    """Parse and schema-validate; returns the plain document (:mod:`kdcontracts.models` types it)."""
     data = parse_document(path)
     errors = sorted(schema_validator(schema_name).iter_errors(data), key=lambda e: (list(map(str, e.absolute_path)), e.validator))
     if errors:
         raise ContractFileError(str(path), [_problem(e) for e in errors[:20]])
     return data
+
+
+def path_beside(file: Path, key: str, value: str) -> Path:
+    """A path a contract names, resolved against the contract's folder; a value no file system
+    accepts (a NUL byte) is a located error like any other bad value."""
+    try:
+        return (file.parent / value).resolve()
+    except (ValueError, OSError, RuntimeError) as exc:
+        raise ContractFileError(str(file), [Problem(key, "a file-system path", f"{describe(value)}: {exc}")]) from None
