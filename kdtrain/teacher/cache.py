@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import itertools
 import json
 import sqlite3
 from collections import Counter
@@ -119,7 +120,7 @@ def _decode(header: dict, payload: bytes) -> TeacherResponse:
     sizes = [4 * t, 8 * t, 4 * t * k, 2 * t * k]
     if sum(sizes) != len(payload):
         raise ValueError(f"payload of {len(payload)} bytes, expected {sum(sizes)} for {t} tokens x top-{k}")
-    cuts = np.cumsum([0] + sizes)
+    cuts = list(itertools.accumulate(sizes, initial=0))
     part = [payload[cuts[i]:cuts[i + 1]] for i in range(4)]
     return TeacherResponse(
         text=header["text"],
