@@ -66,8 +66,8 @@ def _payload(r: TeacherResponse) -> bytes:
     ))
 
 
-def _content_sha256(header: str, payload: bytes) -> str:
-    return hashlib.sha256(header.encode("utf-8") + b"\0" + payload).hexdigest()
+def _content_sha256(header: bytes, payload: bytes) -> str:
+    return hashlib.sha256(header + b"\0" + payload).hexdigest()
 
 
 @dataclass(frozen=True)
@@ -133,16 +133,19 @@ def _decode(header: dict, payload: bytes) -> TeacherResponse:
 
 
 def _verified(row: tuple) -> Entry:
-    """The row as an entry if it is exactly what was written; ValueError saying why not."""
-    rowid, sample_id, header_text, payload, content_sha256 = row
+    """The row as an entry if it is exactly what was written; ValueError saying why not.
+
+    Text columns arrive as bytes (the connection's text_factory), so a damaged one is refused
+    here instead of failing the whole read."""
+    rowid, sample_id, header_bytes, payload, content_sha256 = row
     try:
-        if _content_sha256(header_text, payload) != content_sha256:
+        if _content_sha256(header_bytes, payload) != content_sha256.decode("ascii"):
             raise ValueError("content hash does not verify (the entry was edited or damaged)")
-        header = json.loads(header_text)
+        header, sample_id = json.loads(header_bytes), sample_id.decode("utf-8")
         if header["sample_id"] != sample_id:
             raise ValueError(f"filed under sample {sample_id!r} but holds sample {header['sample_id']!r}")
         return Entry(sample_id, header["prompt_sha256"], TeacherId(**header["teacher"]), _decode(header, payload), rowid)
-    except (KeyError, TypeError, AttributeError) as exc:
+    except (KeyError, TypeError, AttributeError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ValueError(f"unreadable entry ({type(exc).__name__}: {exc})") from exc
 
 
@@ -159,7 +162,7 @@ def _row(request: TeacherRequest, teacher: TeacherId, response: TeacherResponse)
         "prompt_tokens": response.prompt_tokens,
         "completion_tokens": response.completion_tokens,
     })
-    return request.sample_id, header, payload, _content_sha256(header, payload)
+    return request.sample_id, header, payload, _content_sha256(header.encode("utf-8"), payload)
 
 
 class TeacherCache:
@@ -197,6 +200,7 @@ class TeacherCache:
                 return None
             self.folder.mkdir(parents=True, exist_ok=True)
             db = sqlite3.connect(self.file, isolation_level=None)  # transactions are explicit
+            db.text_factory = bytes
             try:
                 with self._sqlite():
                     self._empty = self._check_format(db)
@@ -286,7 +290,7 @@ class TeacherCache:
         db = self._connect(write=False)
         if db is not None:
             with self._sqlite():
-                problems = [line for (line,) in db.execute("PRAGMA quick_check")]
+                problems = [line.decode("utf-8", "replace") for (line,) in db.execute("PRAGMA quick_check")]
             if problems != ["ok"]:
                 raise ArtifactError(located(self.file, "PRAGMA quick_check", "ok", "; ".join(problems[:5])))
         found = Integrity()
