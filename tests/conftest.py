@@ -3,9 +3,11 @@ workspace for running the plugin inside pytest (pytester) against planted faults
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import sqlite3
 from pathlib import Path
 from typing import Callable
 
@@ -13,6 +15,7 @@ import pytest
 import yaml
 
 from kdtrain import atomic
+from kdtrain.teacher.cache import CACHE_FILE
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -99,9 +102,18 @@ def reference_artifacts(tmp_path_factory, test_contracts) -> Path:
     return out
 
 
+def tamper_cache(path: Path, sql: str, *params) -> None:
+    """What an editor outside kdtrain can do to the cache file: drop the append-only trigger
+    and edit rows in place."""
+    with contextlib.closing(sqlite3.connect(path)) as db, db:
+        db.execute("DROP TRIGGER entries_append_only_update")
+        db.execute(sql, params)
+
+
 def _link_unless_appendable(src: str, dst: str) -> None:
-    """Hard-link a reference file; copy the teacher cache, which a re-run appends to."""
-    if src.endswith(".kdtc"):
+    """Hard-link a reference file; copy the teacher cache, which a re-run appends to and
+    tests edit in place."""
+    if src.endswith(CACHE_FILE):
         shutil.copy2(src, dst)
     else:
         os.link(src, dst)

@@ -5,26 +5,30 @@ its targets were cached, values that are not log-probabilities; and passes on th
 from __future__ import annotations
 
 import dataclasses
+import os
+import sqlite3
 
 import numpy as np
 
-from kdtrain import atomic
-from kdtrain.teacher.cache import TeacherCache, TeacherId, frame
+from conftest import tamper_cache
+from kdtrain.teacher.cache import CACHE_FILE, TeacherCache, TeacherId
 
-CACHE = "teacher/cache/entries.kdtc"
+CACHE = f"teacher/cache/{CACHE_FILE}"
 
 
 def _rewrite_cache(workspace, change) -> list:
-    """Rebuild the workspace's cache (a new file: the reference copy is a hard link) with
-    ``change(index, request, teacher, response)`` returning the frame's new parts."""
+    """Rebuild the workspace's cache (a new file replaces it) with each entry signed anew as
+    ``change(index, request, teacher, response)`` returns its parts."""
     from kdtrain.teacher.stage import teacher_requests
 
     ctx = workspace.stage_context()
     requests, _ = teacher_requests(ctx.folder, ctx.contract("distill_data.yaml").teacher)
     by_id = {r.sample_id: r for r in requests}
-    entries = list(TeacherCache(workspace.artifacts / "teacher/cache"))
-    frames = [frame(*change(i, by_id[e.sample_id], e.teacher, e.response)) for i, e in enumerate(entries)]
-    atomic.write_bytes(workspace.artifacts / CACHE, b"".join(frames))
+    with TeacherCache(workspace.artifacts / "teacher/cache") as cache:
+        entries = list(cache)
+    with TeacherCache(workspace.pytester.path / "rebuilt") as rebuilt:
+        rebuilt.append_many(change(i, by_id[e.sample_id], e.teacher, e.response) for i, e in enumerate(entries))
+    os.replace(rebuilt.file, workspace.artifacts / CACHE)
     return entries
 
 
@@ -49,13 +53,15 @@ def test_a_data_source_that_breaks_fails_the_corruption_rate(workspace):
 
 
 def test_a_damaged_cache_entry_fails_integrity_and_is_never_used(workspace):
-    data = bytearray((workspace.artifacts / CACHE).read_bytes())
-    data[-5] ^= 0x10  # inside the last entry's FP16 log-probs
-    atomic.write_bytes(workspace.artifacts / CACHE, bytes(data))
+    path = workspace.artifacts / CACHE  # a copy of the reference cache, not a link
+    row, payload = sqlite3.connect(path).execute("SELECT id, payload FROM entries ORDER BY id DESC LIMIT 1").fetchone()
+    damaged = bytearray(payload)
+    damaged[-5] ^= 0x10  # inside the last entry's FP16 log-probs
+    tamper_cache(path, "UPDATE entries SET payload = ? WHERE id = ?", bytes(damaged), row)
     result = workspace.run("-k", "teacher_targets")
     assert workspace.failed(result) == {"teacher_targets[integrity]", "teacher_targets[coverage]"}
-    result.stdout.fnmatch_lines(["*entry at byte * content hash does not verify*", "*found:    0.0* (1 of * samples)",
-                                 "*: missing"])
+    result.stdout.fnmatch_lines([f"*entry {row}: content hash does not verify*", "*found:    0.0* (1 of * samples)",
+                                 f"*: entry {row}: content hash does not verify*"])
 
 
 def test_an_entry_from_another_teacher_version_is_not_trained_on(workspace):

@@ -1,12 +1,16 @@
 """The logit cache is trusted only as far as it verifies: a tampered entry (payload edited,
 teacher version changed, prompt changed) is never used; a crash mid-write never leaves an
-entry that reads as valid; a fill pass with failing calls loses no sample."""
+entry that reads as valid; a damaged database file is an error naming it; a fill pass with
+failing calls loses no sample."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import shutil
 import signal
+import sqlite3
 import subprocess
 import sys
 import textwrap
@@ -16,11 +20,13 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
+from conftest import tamper_cache
 from kdtrain.data.chat import Message
 from kdtrain.data.targets import TeacherTargets
 from kdtrain.errors import ArtifactError
 from kdtrain.teacher.base import BudgetExceeded, TeacherError, TeacherRequest, TeacherResponse
-from kdtrain.teacher.cache import MAGIC, Accept, TeacherCache, TeacherId, bytes_per_token, frame, scan
+from kdtrain.artifacts import sha256_path
+from kdtrain.teacher.cache import CACHE_FILE, Accept, TeacherCache, TeacherId, bytes_per_token
 from kdtrain.teacher.fill import fill_cache, retry_later
 
 TEACHER = TeacherId("SmolLM2-135M-Instruct", "v1")
@@ -60,9 +66,9 @@ class FakeTeacher:
         return response(int(req.sample_id[1:]))
 
 
-def filled(tmp_path, n: int = 3) -> TeacherCache:
-    cache = TeacherCache(tmp_path / "cache")
-    cache.append_many((request(i), TEACHER, response(i)) for i in range(n))
+def filled(tmp_path, n: int = 3, tokens: int = 5) -> TeacherCache:
+    with TeacherCache(tmp_path / "cache") as cache:
+        cache.append_many((request(i), TEACHER, response(i, tokens)) for i in range(n))
     return TeacherCache(cache.folder)  # re-read from disk
 
 
@@ -76,29 +82,35 @@ def test_entries_round_trip_with_fp16_log_probs(tmp_path):
     assert cache.lookup(request(9), ACCEPT).reason == "missing"
 
 
+def test_at_rest_the_cache_is_one_file_that_readers_leave_as_it_is_and_rows_are_never_rewritten(tmp_path):
+    cache = filled(tmp_path)
+    assert os.listdir(cache.folder) == [CACHE_FILE]
+    before = sha256_path(cache.folder)
+    assert all(cache.lookup(request(i), ACCEPT).entry for i in range(3)) and len(list(cache)) == 3
+    assert os.listdir(cache.folder) == [CACHE_FILE] and sha256_path(cache.folder) == before
+    with contextlib.closing(sqlite3.connect(cache.file)) as db:
+        for sql in ("UPDATE entries SET payload = x'00'", "DELETE FROM entries"):
+            with pytest.raises(sqlite3.IntegrityError, match="append-only"):
+                db.execute(sql)
+
+
 def test_storage_is_reported_against_full_vocabulary_logits(tmp_path):
-    stats = filled(tmp_path).stats(vocab_size=49152)
-    assert stats["tokens"] == 15 and stats["full_vocab_fp32_bytes_per_token"] == 49152 * 4
-    assert bytes_per_token(4) <= stats["bytes_per_token"] < 200  # headers amortised over 5 tokens
+    stats = filled(tmp_path, 40, tokens=128).stats(vocab_size=49152)
+    assert stats["tokens"] == 40 * 128 and stats["full_vocab_fp32_bytes_per_token"] == 49152 * 4
+    assert bytes_per_token(4) <= stats["bytes_per_token"] < 1.5 * bytes_per_token(4)  # headers, pages amortised
     assert stats["compression"] > 1000
-
-
-def _edit(path, old: bytes, new: bytes) -> None:
-    data = path.read_bytes()
-    assert data.count(old) >= 1
-    path.write_bytes(data.replace(old, new, 1))
 
 
 def test_edited_payload_is_never_used(tmp_path, caplog):
     cache = filled(tmp_path)
     entry = cache.lookup(request(1), ACCEPT).entry
-    data = bytearray(cache.file.read_bytes())
-    data[scan(cache.file).entries[2].offset - 3] ^= 0x40  # last byte-pair of entry 1's FP16 log-probs
-    cache.file.write_bytes(bytes(data))
+    payload = bytearray(sqlite3.connect(cache.file).execute("SELECT payload FROM entries WHERE id = ?", (entry.row,)).fetchone()[0])
+    payload[-1] ^= 0x40  # the last FP16 log-prob
+    tamper_cache(cache.file, "UPDATE entries SET payload = ? WHERE id = ?", bytes(payload), entry.row)
     reread = TeacherCache(cache.folder)
-    assert reread.lookup(request(1), ACCEPT).entry is None
-    assert [o for o, _ in reread.contents.damaged] == [entry.offset]
-    assert "content hash does not verify" in reread.contents.damaged[0][1]
+    found = reread.lookup(request(1), ACCEPT)
+    assert found.entry is None and found.reason == f"entry {entry.row}: content hash does not verify (the entry was edited or damaged)"
+    assert [r for r, _ in reread.verify().damaged] == [entry.row]
     assert reread.lookup(request(0), ACCEPT).entry is not None and reread.lookup(request(2), ACCEPT).entry is not None
     with caplog.at_level(logging.INFO, "kdtrain.data"):
         seen = [ex.request.sample_id for ex in TeacherTargets([request(i) for i in range(3)], reread, ACCEPT)]
@@ -106,12 +118,21 @@ def test_edited_payload_is_never_used(tmp_path, caplog):
     assert "missing teacher targets: 1/3 samples (33.3%)" in caplog.text
 
 
-def test_edited_teacher_version_is_never_used(tmp_path):
+@pytest.mark.parametrize("edit, why", [
+    ("UPDATE entries SET header = replace(header, '\"version\":\"v1\"', '\"version\":\"v2\"')", "content hash does not verify"),
+    ("UPDATE entries SET header = replace(header, '\"prompt_sha256\":\"', '\"prompt_sha256\":\"0')", "content hash does not verify"),
+    ("UPDATE entries SET content_sha256 = upper(content_sha256)", "content hash does not verify"),
+    ("UPDATE entries SET sample_id = 's001'", "filed under sample 's001' but holds sample 's000'"),
+    ("UPDATE entries SET header = CAST(x'ff' AS TEXT) || header", "content hash does not verify"),
+    ("UPDATE entries SET sample_id = CAST(x'ff' AS TEXT)", "unreadable entry (UnicodeDecodeError: "),
+    ("UPDATE entries SET content_sha256 = CAST(x'ff' AS TEXT)", "unreadable entry (UnicodeDecodeError: "),
+])
+def test_edited_or_rotten_entries_are_reported_and_never_used(tmp_path, edit, why):
     cache = filled(tmp_path, 1)
-    _edit(cache.file, b'"version":"v1"', b'"version":"v2"')
+    tamper_cache(cache.file, edit)
     reread = TeacherCache(cache.folder)
-    assert reread.lookup(request(0), Accept(TEACHER.name, ("v1", "v2"))).entry is None
-    assert "content hash does not verify" in reread.contents.damaged[0][1]
+    assert [reread.lookup(request(i), Accept(TEACHER.name, ("v1", "v2"))).entry for i in range(2)] == [None, None]
+    assert why in reread.verify().damaged[0][1] and not list(reread)
 
 
 def test_entry_from_another_teacher_version_is_refused_even_if_it_verifies(tmp_path):
@@ -129,18 +150,20 @@ def test_entry_for_a_changed_prompt_is_refused(tmp_path):
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(cut=st.integers(min_value=1, max_value=len(frame(request(2), TEACHER, response(2))) - 1))
-def test_a_write_cut_anywhere_leaves_only_whole_entries_and_the_next_append_repairs_it(tmp_path_factory, cut):
-    cache = filled(tmp_path_factory.mktemp("torn"), 3)
-    size = cache.file.stat().st_size
-    last = scan(cache.file).entries[-1].offset
-    os.truncate(cache.file, last + cut)
-    torn = TeacherCache(cache.folder)
-    assert [e.sample_id for e in torn] == ["s000", "s001"] and torn.contents.torn_tail == cut
-    assert not torn.contents.damaged
-    torn.append(request(2), TEACHER, response(2))
-    assert cache.file.stat().st_size == size
-    assert [e.sample_id for e in TeacherCache(cache.folder)] == ["s000", "s001", "s002"]
+@given(data=st.data())
+def test_a_write_cut_anywhere_is_never_read_and_the_next_append_repeats_it(tmp_path_factory, data):
+    cache = filled(tmp_path_factory.mktemp("torn"), 2)
+    cache.append(request(2), TEACHER, response(2))  # committed to the write-ahead log, not yet checkpointed
+    log = (cache.folder / (CACHE_FILE + "-wal")).read_bytes()
+    cut = data.draw(st.integers(min_value=1, max_value=len(log) - 1))
+    crashed = tmp_path_factory.mktemp("crashed")  # the files as a crash in the middle of that write leaves them
+    shutil.copy(cache.file, crashed / CACHE_FILE)
+    (crashed / (CACHE_FILE + "-wal")).write_bytes(log[:cut])
+    with TeacherCache(crashed) as torn:
+        assert [e.sample_id for e in torn] == ["s000", "s001"] and not torn.verify().damaged
+        torn.append(request(2), TEACHER, response(2))
+    assert [e.sample_id for e in TeacherCache(crashed)] == ["s000", "s001", "s002"]
+    assert os.listdir(crashed) == [CACHE_FILE]
 
 
 def test_kill_9_during_appends_leaves_every_complete_entry_valid(tmp_path):
@@ -163,23 +186,53 @@ def test_kill_9_during_appends_leaves_every_complete_entry_valid(tmp_path):
     time.sleep(0.3)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    cache = TeacherCache(folder)
-    found = cache.contents
-    assert len(found.entries) >= 3 and not found.damaged and found.unreadable_at is None
-    for entry in found.entries:
-        i = int(entry.sample_id[1:])
-        np.testing.assert_array_equal(entry.response.topk_ids, response(i, tokens=2000, k=8).topk_ids)
-    cache.append(request(999), TEACHER, response(999))  # cuts any torn tail, then appends
-    assert not scan(cache.file).torn_tail
+    with TeacherCache(folder) as cache:
+        found = cache.verify()
+        assert found.entries >= 3 and not found.damaged
+        for entry in cache:
+            i = int(entry.sample_id[1:])
+            np.testing.assert_array_equal(entry.response.topk_ids, response(i, tokens=2000, k=8).topk_ids)
+        cache.append(request(999), TEACHER, response(999))
+    assert os.listdir(folder) == [CACHE_FILE]
 
 
-def test_unreadable_bytes_stop_appends_instead_of_being_cut_off(tmp_path):
-    cache = filled(tmp_path, 2)
+def _garbage_header(path):
+    with open(path, "r+b") as handle:
+        handle.write(b"KDTC" * 4)
+
+
+def _garbage_page(path):  # the entries table's root (page 2), which every read and write goes through
+    with open(path, "r+b") as handle:
+        handle.seek(4096)
+        handle.write(b"\xff" * 12)
+
+
+def _cut_in_half(path):
+    os.truncate(path, path.stat().st_size // 2)
+
+
+def _another_database(path):
+    path.unlink()
+    with contextlib.closing(sqlite3.connect(path)) as db, db:
+        db.execute("CREATE TABLE entries (x)")
+
+
+@pytest.mark.parametrize("damage, found", [
+    (_garbage_header, "expected a readable SQLite teacher cache, found DatabaseError: file is not a database"),
+    (_garbage_page, "expected a readable SQLite teacher cache, found DatabaseError: database disk image is malformed"),
+    (_cut_in_half, "expected a readable SQLite teacher cache, found DatabaseError: database disk image is malformed"),
+    (_another_database, "at SQLite application_id, user_version: expected a kdtrain teacher cache (0x4b445443, format 2), "
+                        "found (0x0, format 0)"),
+])
+def test_a_damaged_database_file_is_an_error_naming_it_and_is_left_as_it_is(tmp_path, damage, found):
+    cache = filled(tmp_path, 40, tokens=64)
+    damage(cache.file)
     data = cache.file.read_bytes()
-    cache.file.write_bytes(data.replace(MAGIC, b"JUNK", 2).replace(b"JUNK", MAGIC, 1))
-    with pytest.raises(ArtifactError, match=r"entries.kdtc: expected cache frames, found unreadable bytes at offset \d+"):
-        TeacherCache(cache.folder).append(request(5), TEACHER, response(5))
-    assert cache.file.read_bytes() == data.replace(MAGIC, b"JUNK", 2).replace(b"JUNK", MAGIC, 1)
+    for use in (lambda c: c.verify(), lambda c: c.lookup(request(5), ACCEPT), lambda c: c.append(request(99), TEACHER, response(99))):
+        with pytest.raises(ArtifactError) as error:
+            use(TeacherCache(cache.folder))
+        assert str(error.value) == f"{cache.file}: {found}"
+    assert cache.file.read_bytes() == data
 
 
 def test_with_30_percent_of_calls_failing_no_sample_is_lost_and_the_retry_pass_completes(tmp_path):

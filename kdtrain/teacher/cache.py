@@ -1,4 +1,4 @@
-"""The teacher logit cache: an append-only file of self-verifying entries.
+"""The teacher logit cache: an append-only SQLite table of self-verifying entries.
 
 One entry per (sample, exact prompt): the teacher's name and version, the prompt's SHA-256,
 the response (text, target tokens, their character spans, top-k ids and FP16 log-probs)
@@ -6,23 +6,25 @@ and a content hash over all of it. Nothing is trusted on read: an entry is used 
 its content hash verifies, its prompt hash is the one the caller would send now, and its
 teacher is one the caller accepts. Anything else is reported and excluded, never used.
 
-On disk, each entry is one frame::
-
-    b"KDTC" | u8 format | u32 header length | u64 payload length | header (JSON) | payload
-
-Frames are appended with one ``write`` and an ``fsync``. A crash mid-write leaves a frame
-shorter than its lengths say at the end of the file: readers ignore it, and the next
-writer cuts it off before appending. A damaged frame whose lengths are intact is skipped
-and reported; bytes that are not a frame where one should start stop the reader and make
-writers refuse to append (we never cut off data we cannot read).
+On disk, one row per entry in ``entries(id, sample_id, header, payload, content_sha256)``,
+indexed by sample id, so a lookup is one index probe and an append one insert whatever the
+size (a run caches 10^5-10^6 samples). ``header`` is canonical JSON, ``payload`` is
+``token_ids:i4[T] offsets:i4[T,2] topk_ids:i4[T,k] topk_logprobs:f2[T,k]`` little-endian,
+and ``content_sha256 = SHA-256(header + b"\\0" + payload)``. Rows are only inserted (triggers
+abort an UPDATE or DELETE), each append is one transaction: a crash mid-write rolls back
+on the next open and is never read. While writing, the file is in WAL mode with
+``synchronous=FULL`` (one fsync per append: an answer the teacher was paid for survives a
+power cut); ``close`` folds the log back in, so at rest the cache is one self-contained file
+that readers never modify. A file SQLite cannot read is an ``ArtifactError`` naming it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import itertools
 import json
-import os
-import struct
+import sqlite3
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,18 +32,29 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
-from kdtrain.errors import ArtifactError
+from kdtrain.errors import ArtifactError, located
 from kdtrain.teacher.base import TeacherRequest, TeacherResponse
 
-MAGIC = b"KDTC"
-FORMAT = 1
-_FRAME = struct.Struct("<4sBIQ")
-CACHE_FILE = "entries.kdtc"
+CACHE_FILE = "entries.sqlite3"
+APPLICATION_ID = 0x4B445443  # "KDTC" in the SQLite header: this file is a teacher cache
+FORMAT = 2  # PRAGMA user_version; 1 was the frame log before SQLite
 FULL_VOCAB_BYTES_PER_TOKEN_FP32 = 4  # one FP32 logit per vocabulary entry, for the size comparison
+_SCHEMA = f"""
+BEGIN IMMEDIATE;
+CREATE TABLE IF NOT EXISTS entries (id INTEGER PRIMARY KEY, sample_id TEXT NOT NULL, header TEXT NOT NULL,
+                      payload BLOB NOT NULL, content_sha256 TEXT NOT NULL);
+CREATE INDEX IF NOT EXISTS entries_by_sample ON entries (sample_id);
+CREATE TRIGGER IF NOT EXISTS entries_append_only_update BEFORE UPDATE ON entries BEGIN SELECT RAISE(ABORT, 'append-only'); END;
+CREATE TRIGGER IF NOT EXISTS entries_append_only_delete BEFORE DELETE ON entries BEGIN SELECT RAISE(ABORT, 'append-only'); END;
+PRAGMA application_id = {APPLICATION_ID};
+PRAGMA user_version = {FORMAT};
+COMMIT;
+"""
+_COLUMNS = "id, sample_id, header, payload, content_sha256"
 
 
-def _canonical(obj) -> bytes:
-    return json.dumps(obj, sort_keys=True, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+def _canonical(obj) -> str:
+    return json.dumps(obj, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
 
 
 def _payload(r: TeacherResponse) -> bytes:
@@ -53,9 +66,8 @@ def _payload(r: TeacherResponse) -> bytes:
     ))
 
 
-def _content_sha256(header: dict, payload: bytes) -> str:
-    unsigned = {k: v for k, v in header.items() if k != "content_sha256"}
-    return hashlib.sha256(_canonical(unsigned) + b"\0" + payload).hexdigest()
+def _content_sha256(header: bytes, payload: bytes) -> str:
+    return hashlib.sha256(header + b"\0" + payload).hexdigest()
 
 
 @dataclass(frozen=True)
@@ -84,18 +96,23 @@ class Entry:
     prompt_sha256: str
     teacher: TeacherId
     response: TeacherResponse
-    offset: int  # of the frame in the file, for reports
+    row: int  # the entry's id in the table, for reports
 
 
 @dataclass
-class Scan:
-    """What a pass over the file found: good entries and everything that was not."""
+class Integrity:
+    """What a pass over every entry found: totals of those that verify, and the rest."""
 
-    entries: list[Entry] = field(default_factory=list)
-    damaged: list[tuple[int, str]] = field(default_factory=list)  # (frame offset, why)
-    readable_end: int = 0  # where the last whole frame ends
-    torn_tail: int = 0  # bytes after it that a crash left behind
-    unreadable_at: int | None = None  # a non-frame where a frame should start
+    entries: int = 0
+    tokens: int = 0
+    teachers: Counter = field(default_factory=Counter)
+    damaged: list[tuple[int, str]] = field(default_factory=list)  # (row, why)
+
+
+@dataclass(frozen=True)
+class Lookup:
+    entry: Entry | None
+    reason: str  # "hit", "missing", or why every stored entry for the sample was refused
 
 
 def _decode(header: dict, payload: bytes) -> TeacherResponse:
@@ -103,7 +120,7 @@ def _decode(header: dict, payload: bytes) -> TeacherResponse:
     sizes = [4 * t, 8 * t, 4 * t * k, 2 * t * k]
     if sum(sizes) != len(payload):
         raise ValueError(f"payload of {len(payload)} bytes, expected {sum(sizes)} for {t} tokens x top-{k}")
-    cuts = np.cumsum([0] + sizes)
+    cuts = list(itertools.accumulate(sizes, initial=0))
     part = [payload[cuts[i]:cuts[i + 1]] for i in range(4)]
     return TeacherResponse(
         text=header["text"],
@@ -115,127 +132,26 @@ def _decode(header: dict, payload: bytes) -> TeacherResponse:
     )
 
 
-def scan(path: Path) -> Scan:
-    result = Scan()
-    data = path.read_bytes() if path.exists() else b""
-    pos = 0
-    while pos < len(data):
-        if len(data) - pos < _FRAME.size:
-            result.torn_tail = len(data) - pos
-            break
-        magic, fmt, hlen, plen = _FRAME.unpack_from(data, pos)
-        if magic != MAGIC or fmt != FORMAT:
-            result.unreadable_at = pos
-            break
-        end = pos + _FRAME.size + hlen + plen
-        if end > len(data):
-            result.torn_tail = len(data) - pos
-            break
-        body = data[pos + _FRAME.size:end]
-        try:
-            header = json.loads(body[:hlen])
-            payload = body[hlen:]
-            if _content_sha256(header, payload) != header.get("content_sha256"):
-                raise ValueError("content hash does not verify (the entry was edited or damaged)")
-            result.entries.append(Entry(header["sample_id"], header["prompt_sha256"],
-                                        TeacherId(**header["teacher"]), _decode(header, payload), pos))
-        except (ValueError, KeyError, TypeError) as exc:
-            result.damaged.append((pos, str(exc)))
-        pos = result.readable_end = end
-    return result
+def _verified(row: tuple) -> Entry:
+    """The row as an entry if it is exactly what was written; ValueError saying why not.
+
+    Text columns arrive as bytes (the connection's text_factory), so a damaged one is refused
+    here instead of failing the whole read."""
+    rowid, sample_id, header_bytes, payload, content_sha256 = row
+    try:
+        if _content_sha256(header_bytes, payload) != content_sha256.decode("ascii"):
+            raise ValueError("content hash does not verify (the entry was edited or damaged)")
+        header, sample_id = json.loads(header_bytes), sample_id.decode("utf-8")
+        if header["sample_id"] != sample_id:
+            raise ValueError(f"filed under sample {sample_id!r} but holds sample {header['sample_id']!r}")
+        return Entry(sample_id, header["prompt_sha256"], TeacherId(**header["teacher"]), _decode(header, payload), rowid)
+    except (KeyError, TypeError, AttributeError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"unreadable entry ({type(exc).__name__}: {exc})") from exc
 
 
-@dataclass(frozen=True)
-class Lookup:
-    entry: Entry | None
-    reason: str  # "hit", "missing", or why every stored entry for the sample was refused
-
-
-class TeacherCache:
-    """A folder holding the entries file; lookups verify, appends are crash-safe."""
-
-    def __init__(self, folder: Path | str):
-        self.folder = Path(folder)
-        self.file = self.folder / CACHE_FILE
-        self._scan: Scan | None = None
-
-    # reading -------------------------------------------------------------------------
-    @property
-    def contents(self) -> Scan:
-        if self._scan is None:
-            self._scan = scan(self.file)
-        return self._scan
-
-    def lookup(self, request: TeacherRequest, accept: Accept) -> Lookup:
-        """The newest entry for the sample that verifies for this exact request and teacher."""
-        refused = []
-        for entry in reversed(self.contents.entries):
-            if entry.sample_id != request.sample_id:
-                continue
-            if entry.teacher not in accept:
-                refused.append(f"teacher {entry.teacher.name} {entry.teacher.version}, expected {accept}")
-            elif entry.prompt_sha256 != request.prompt_sha256():
-                refused.append("prompt changed since it was cached (prompt SHA-256 differs)")
-            else:
-                return Lookup(entry, "hit")
-        return Lookup(None, "; ".join(refused) or "missing")
-
-    def stats(self, vocab_size: int) -> dict:
-        """Sizes against storing full-vocabulary FP32 logits for the same tokens."""
-        entries = self.contents.entries
-        tokens = sum(len(e.response.token_ids) for e in entries)
-        size = self.file.stat().st_size if self.file.exists() else 0
-        per_token = size / tokens if tokens else None
-        full = vocab_size * FULL_VOCAB_BYTES_PER_TOKEN_FP32
-        return {
-            "entries": len(entries),
-            "tokens": tokens,
-            "bytes": size,
-            "bytes_per_token": round(per_token, 1) if per_token else None,
-            "full_vocab_fp32_bytes_per_token": full,
-            "compression": round(full / per_token, 1) if per_token else None,
-            "teachers": dict(Counter(f"{e.teacher.name} {e.teacher.version}" for e in entries)),
-            "damaged": [{"offset": o, "reason": r} for o, r in self.contents.damaged],
-            "torn_tail_bytes": self.contents.torn_tail,
-        }
-
-    # writing -------------------------------------------------------------------------
-    def _prepare_append(self) -> None:
-        found = scan(self.file)
-        if found.unreadable_at is not None:
-            raise ArtifactError(
-                f"{self.file}: expected cache frames, found unreadable bytes at offset {found.unreadable_at}; "
-                "refusing to append after data that cannot be read (move the file aside to start over)"
-            )
-        if found.torn_tail:
-            with open(self.file, "r+b") as handle:  # cut a crashed write off before appending
-                handle.truncate(found.readable_end)
-                handle.flush()
-                os.fsync(handle.fileno())
-        self._scan = found
-
-    def append(self, request: TeacherRequest, teacher: TeacherId, response: TeacherResponse) -> None:
-        self.append_many([(request, teacher, response)])
-
-    def append_many(self, items: Iterable[tuple[TeacherRequest, TeacherId, TeacherResponse]]) -> None:
-        self.folder.mkdir(parents=True, exist_ok=True)
-        self._prepare_append()
-        with open(self.file, "ab") as handle:
-            for request, teacher, response in items:
-                offset = handle.tell()
-                handle.write(frame(request, teacher, response))
-                handle.flush()
-                os.fsync(handle.fileno())
-                self._scan.entries.append(Entry(request.sample_id, request.prompt_sha256(), teacher, response, offset))
-                self._scan.readable_end = handle.tell()
-
-    def __iter__(self) -> Iterator[Entry]:
-        return iter(self.contents.entries)
-
-
-def frame(request: TeacherRequest, teacher: TeacherId, response: TeacherResponse) -> bytes:
+def _row(request: TeacherRequest, teacher: TeacherId, response: TeacherResponse) -> tuple[str, str, bytes, str]:
     payload = _payload(response)
-    header = {
+    header = _canonical({
         "sample_id": request.sample_id,
         "prompt_sha256": request.prompt_sha256(),
         "mode": request.mode,
@@ -245,11 +161,183 @@ def frame(request: TeacherRequest, teacher: TeacherId, response: TeacherResponse
         "top_k": int(response.topk_ids.shape[1]),
         "prompt_tokens": response.prompt_tokens,
         "completion_tokens": response.completion_tokens,
-        "payload": "token_ids:i4[T] offsets:i4[T,2] topk_ids:i4[T,k] topk_logprobs:f2[T,k] (little-endian)",
-    }
-    header["content_sha256"] = _content_sha256(header, payload)
-    body = _canonical(header)
-    return _FRAME.pack(MAGIC, FORMAT, len(body), len(payload)) + body + payload
+    })
+    return request.sample_id, header, payload, _content_sha256(header.encode("utf-8"), payload)
+
+
+class TeacherCache:
+    """A folder holding the entries database; lookups verify, appends are transactions.
+
+    The connection opens on first use; ``close`` (or leaving a ``with`` block) ends writing
+    and leaves one file. The object stays usable after ``close``: it reopens when needed.
+    """
+
+    def __init__(self, folder: Path | str):
+        self.folder = Path(folder)
+        self.file = self.folder / CACHE_FILE
+        self._db: sqlite3.Connection | None = None
+        self._empty = False  # the file exists but no cache was created in it yet
+        self._writing = False
+
+    def __enter__(self) -> "TeacherCache":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    @contextlib.contextmanager
+    def _sqlite(self) -> Iterator[None]:
+        try:
+            yield
+        except sqlite3.DatabaseError as exc:
+            raise ArtifactError(located(self.file, None, "a readable SQLite teacher cache",
+                                        f"{type(exc).__name__}: {exc}")) from exc
+
+    def _connect(self, write: bool) -> sqlite3.Connection | None:
+        """The connection, or None when reading a cache that holds nothing yet."""
+        if self._db is None:
+            if not write and not self.file.exists():
+                return None
+            self.folder.mkdir(parents=True, exist_ok=True)
+            db = sqlite3.connect(self.file, isolation_level=None)  # transactions are explicit
+            db.text_factory = bytes
+            try:
+                with self._sqlite():
+                    self._empty = self._check_format(db)
+            except ArtifactError:
+                db.close()
+                raise
+            self._db = db
+        if write and not self._writing:
+            with self._sqlite():
+                if not self._empty:  # a damaged table root stops an append here, before the file changes
+                    self._db.execute("SELECT max(id) FROM entries").fetchone()
+                self._db.execute("PRAGMA journal_mode=WAL")
+                self._db.execute("PRAGMA synchronous=FULL")
+                if self._empty:
+                    self._db.executescript(_SCHEMA)
+            self._writing, self._empty = True, False
+        return None if self._empty else self._db
+
+    def _check_format(self, db: sqlite3.Connection) -> bool:
+        """True for a new (empty) database; an ArtifactError for anything but a teacher cache."""
+        found = (db.execute("PRAGMA application_id").fetchone()[0], db.execute("PRAGMA user_version").fetchone()[0])
+        if found == (APPLICATION_ID, FORMAT):
+            return False
+        if found == (0, 0) and not db.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]:
+            return True
+        raise ArtifactError(located(self.file, "SQLite application_id, user_version",
+                                    f"a kdtrain teacher cache ({APPLICATION_ID:#x}, format {FORMAT})",
+                                    f"({found[0]:#x}, format {found[1]})"))
+
+    def close(self) -> None:
+        """Stop writing: checkpoint the write-ahead log into the file and delete it and the
+        shared-memory file, so the folder holds one file that readers never modify. While
+        another connection has the file open this cannot be done; the last one to close
+        then checkpoints it."""
+        if self._db is None:
+            return
+        db, self._db, writing, self._writing = self._db, None, self._writing, False
+        with self._sqlite():
+            if writing:
+                db.execute("PRAGMA busy_timeout = 0")
+                try:
+                    db.execute("PRAGMA journal_mode=DELETE")
+                except sqlite3.OperationalError as exc:
+                    if exc.sqlite_errorname != "SQLITE_BUSY":
+                        raise
+            db.close()
+
+    # reading -------------------------------------------------------------------------
+    def lookup(self, request: TeacherRequest, accept: Accept) -> Lookup:
+        """The newest entry for the sample that verifies for this exact request and teacher."""
+        db = self._connect(write=False)
+        if db is None:
+            return Lookup(None, "missing")
+        with self._sqlite():
+            rows = db.execute(f"SELECT {_COLUMNS} FROM entries WHERE sample_id = ? ORDER BY id DESC",
+                              (request.sample_id,)).fetchall()
+        refused, prompt_sha256 = [], request.prompt_sha256()
+        for row in rows:
+            try:
+                entry = _verified(row)
+            except ValueError as exc:
+                refused.append(f"entry {row[0]}: {exc}")
+                continue
+            if entry.teacher not in accept:
+                refused.append(f"teacher {entry.teacher.name} {entry.teacher.version}, expected {accept}")
+            elif entry.prompt_sha256 != prompt_sha256:
+                refused.append("prompt changed since it was cached (prompt SHA-256 differs)")
+            else:
+                return Lookup(entry, "hit")
+        return Lookup(None, "; ".join(refused) or "missing")
+
+    def _rows(self) -> Iterator[tuple]:
+        db = self._connect(write=False)
+        if db is None:
+            return
+        with self._sqlite():
+            yield from db.execute(f"SELECT {_COLUMNS} FROM entries ORDER BY id")
+
+    def __iter__(self) -> Iterator[Entry]:
+        """Every entry that verifies, oldest first (damaged ones are in ``verify``)."""
+        for row in self._rows():
+            with contextlib.suppress(ValueError):
+                yield _verified(row)
+
+    def verify(self) -> Integrity:
+        """One pass over every entry (and SQLite's own page checks): what verifies, what does not."""
+        db = self._connect(write=False)
+        if db is not None:
+            with self._sqlite():
+                problems = [line.decode("utf-8", "replace") for (line,) in db.execute("PRAGMA quick_check")]
+            if problems != ["ok"]:
+                raise ArtifactError(located(self.file, "PRAGMA quick_check", "ok", "; ".join(problems[:5])))
+        found = Integrity()
+        for row in self._rows():
+            try:
+                entry = _verified(row)
+            except ValueError as exc:
+                found.damaged.append((row[0], str(exc)))
+                continue
+            found.entries += 1
+            found.tokens += len(entry.response.token_ids)
+            found.teachers[f"{entry.teacher.name} {entry.teacher.version}"] += 1
+        return found
+
+    def stats(self, vocab_size: int) -> dict:
+        """Sizes against storing full-vocabulary FP32 logits for the same tokens."""
+        found = self.verify()
+        size = sum(p.stat().st_size for p in (self.file, self.file.with_name(CACHE_FILE + "-wal")) if p.exists())
+        per_token = size / found.tokens if found.tokens else None
+        full = vocab_size * FULL_VOCAB_BYTES_PER_TOKEN_FP32
+        return {
+            "entries": found.entries,
+            "tokens": found.tokens,
+            "bytes": size,
+            "bytes_per_token": round(per_token, 1) if per_token else None,
+            "full_vocab_fp32_bytes_per_token": full,
+            "compression": round(full / per_token, 1) if per_token else None,
+            "teachers": dict(found.teachers),
+            "damaged": [{"row": r, "reason": why} for r, why in found.damaged],
+        }
+
+    # writing -------------------------------------------------------------------------
+    def append(self, request: TeacherRequest, teacher: TeacherId, response: TeacherResponse) -> None:
+        self.append_many([(request, teacher, response)])
+
+    def append_many(self, items: Iterable[tuple[TeacherRequest, TeacherId, TeacherResponse]]) -> None:
+        """All of ``items`` in one transaction: after a crash, all of them or none."""
+        rows = [_row(*item) for item in items]
+        db = self._connect(write=True)
+        with self._sqlite():
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                db.executemany("INSERT INTO entries (sample_id, header, payload, content_sha256) VALUES (?, ?, ?, ?)", rows)
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            db.execute("COMMIT")
 
 
 def bytes_per_token(top_k: int) -> int:

@@ -48,17 +48,17 @@ def stage_teacher(ctx: StageContext) -> None:
     contract = ctx.contract("distill_data.yaml")
     settings = contract.teacher
     requests, tokenizer = teacher_requests(folder, settings)
-    cache = TeacherCache(folder.root / CACHE)
     teacher = _LazyTeacher(tokenizer, gguf.TEACHER_NAME, gguf.TEACHER_VERSION)
-    fill = fill_cache(cache, teacher, requests, settings.accept)
-    targets = TeacherTargets(requests, cache, settings.accept)
-    usable = sum(1 for _ in targets)
-    report = {
-        "teacher": {"name": teacher.name, "version": teacher.version, "mode": settings.mode, "top_k": settings.top_k},
-        "fill": fill.to_json(),
-        "targets": {"samples": len(requests), "usable": usable, "missing_ratio": targets.missing_ratio, "missing": targets.missing},
-        "storage": cache.stats(vocab_size=len(tokenizer.vocab)),
-    }
+    with TeacherCache(folder.root / CACHE) as cache:  # closed before it is hashed: one file, no write-ahead log
+        fill = fill_cache(cache, teacher, requests, settings.accept)
+        targets = TeacherTargets(requests, cache, settings.accept)
+        usable = sum(1 for _ in targets)
+        report = {
+            "teacher": {"name": teacher.name, "version": teacher.version, "mode": settings.mode, "top_k": settings.top_k},
+            "fill": fill.to_json(),
+            "targets": {"samples": len(requests), "usable": usable, "missing_ratio": targets.missing_ratio, "missing": targets.missing},
+            "storage": cache.stats(vocab_size=len(tokenizer.vocab)),
+        }
     atomic.write_json(folder.root / REPORT, report)
     folder.record("teacher.cache", CACHE, "cache/teacher-logits", "teacher")
     folder.record("teacher.report", REPORT, "report/teacher-fill", "teacher")

@@ -39,10 +39,7 @@ def check_integrity(c: DataContract, kd_artifacts) -> None:
     from kdtrain.teacher.cache import TeacherCache
 
     cache = TeacherCache(kd_artifacts.path("teacher.cache"))
-    found = cache.contents
-    problems = [f"entry at byte {offset}: {why}" for offset, why in found.damaged]
-    if found.unreadable_at is not None:
-        problems.append(f"unreadable bytes from offset {found.unreadable_at}: every entry after them is lost")
+    problems = [f"entry {row}: {why}" for row, why in cache.verify().damaged]  # an unreadable file raises ArtifactError
     if problems:
         fail(c.file.name, f"integrity of the teacher cache {cache.file}", "every entry's content hash verifies",
              "\n    " + "\n    ".join(problems[:12]))
