@@ -269,7 +269,7 @@ def test_every_loss_but_intermediate_is_finite_and_positive_on_a_real_eligible_s
     halt = torch.full(batch.input_ids.shape, 0.1, requires_grad=True)
     out = StudentOutputs(logits, torch.zeros(*batch.input_ids.shape, 4), halt)
     weights = {name: 1.0 for name in LOSSES if name != "intermediate"}
-    total, log = weighted_sum(batch, out, LossConfig(temperature=2.0, rest_bucket=True), weights)
-    total.backward()
-    assert set(log) == set(weights) and all(np.isfinite(v) and v > 0 for v in log.values())
+    loss = weighted_sum(batch, out, LossConfig(temperature=2.0, rest_bucket=True), weights)
+    loss.total.backward()
+    assert set(loss.values) == set(weights) and all(np.isfinite(v) and v > 0 for v in loss.values.values())
     assert torch.isfinite(logits.grad).all() and torch.isfinite(halt.grad).all()
