@@ -9,7 +9,6 @@ spans, then on the reference artifacts: the real tokenizers, corpus and teacher 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -26,9 +25,8 @@ from kdtrain.losses.code_mode import first_token
 from kdtrain.losses.tool import call_spans
 from kdtrain.teacher.base import TeacherResponse
 from kdtrain.teacher.cache import TeacherCache
-from kdtrain.teacher.stage import CACHE, teacher_requests
+from kdtrain.teacher.stage import CACHE, filled_settings, teacher_requests
 from kdtrain.tokenizers.load import Tokenizer, load_tokenizer
-from pytest_kdcontracts.contracts import family_for
 
 ASSISTANT_TAGS = ("<think>", "</think>", "<tool_call>", "</tool_call>")
 
@@ -90,9 +88,9 @@ class Reference:
 
 
 @pytest.fixture(scope="module")
-def reference(reference_artifacts, test_contracts) -> Reference:
+def reference(reference_artifacts) -> Reference:
     folder = ArtifactsFolder.open(reference_artifacts)
-    settings = family_for(Path("distill_data.yaml")).load(test_contracts / "distill_data.yaml").teacher
+    settings = filled_settings(folder)
     requests, teacher = teacher_requests(folder, settings)
     targets = TeacherTargets(requests, TeacherCache(reference_artifacts / CACHE), settings.accept)
     examples = list(targets)

@@ -34,7 +34,7 @@ def test_reference_artifacts_pass_every_contract(workspace):
         "passed  coreml_contract.json::io *4 passed",
         "passed  coreml_contract.json::prefill_decode *2 passed",
         "passed  distill_data.yaml::corruption_rate *1 passed",
-        "passed  distill_data.yaml::teacher_targets *3 passed",
+        "passed  distill_data.yaml::teacher_targets *4 passed",
         "passed  export_lint.yaml::lint *4 passed",
         "passed  precision_islands.yaml::islands *4 passed",
         "passed  quant_recipe.yaml::ab *2 passed",
