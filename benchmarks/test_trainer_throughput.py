@@ -40,7 +40,8 @@ def test_distill_tokens_per_second(benchmark, request, bench_artifacts, tmp_path
 
     def train():
         distiller = Distiller(config, tmp_path / f"run-{next(runs)}", artifacts=bench_artifacts, progress=False)
-        return distiller, distiller.train(gate=False)
+        distiller.setup(gate=False)
+        return distiller, distiller.train()
 
     distiller, result = benchmark.pedantic(train, rounds=1, iterations=1)
     steady = result.records[1:]  # the first step warms up allocators and kernels

@@ -19,14 +19,17 @@ def _pipeline(args: argparse.Namespace) -> int:
 
 def _distill(args: argparse.Namespace) -> int:
     from kdtrain.train.config import load_config
-    from kdtrain.train.loop import Distiller, World
+    from kdtrain.train.loop import Distiller
+    from kdtrain.train.world import World
 
     config = load_config(args.config)
     world = World.from_env()
     if not world.main:  # every rank logs the same lines; rank 0 speaks for them
         logging.getLogger("kdtrain").setLevel(logging.WARNING)
     distiller = Distiller(config, args.run_dir, artifacts=args.artifacts, world=world)
-    result = distiller.train(stop_after=args.steps, override_balance=args.override_balance)
+    distiller.setup(override_balance=args.override_balance)
+    result = distiller.train(stop_after=args.steps)
+    distiller.cleanup()
     if world.main:
         stopped = f" (stopped: {result.stopped})" if result.stopped else ""
         print(f"{args.run_dir}: step {result.step} of {config.optim.steps}{stopped}; {len(result.alerts)} balance alert(s); "

@@ -9,7 +9,6 @@ spans, then on the reference artifacts: the real tokenizers, corpus and teacher 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -27,7 +26,7 @@ from kdtrain.losses.code_mode import first_token
 from kdtrain.losses.tool import call_spans
 from kdtrain.teacher.base import TeacherResponse
 from kdtrain.teacher.cache import TeacherCache
-from kdtrain.teacher.stage import CACHE, teacher_requests
+from kdtrain.teacher.stage import CACHE, filled_settings, teacher_requests
 from kdtrain.tokenizers.load import Tokenizer, load_tokenizer
 
 ASSISTANT_TAGS = ("<think>", "</think>", "<tool_call>", "</tool_call>")
@@ -90,9 +89,9 @@ class Reference:
 
 
 @pytest.fixture(scope="module")
-def reference(reference_artifacts, test_contracts) -> Reference:
+def reference(reference_artifacts) -> Reference:
     folder = ArtifactsFolder.open(reference_artifacts)
-    settings = family_for(Path("distill_data.yaml")).load(test_contracts / "distill_data.yaml").teacher
+    settings = filled_settings(folder)
     requests, teacher = teacher_requests(folder, settings)
     targets = TeacherTargets(requests, TeacherCache(reference_artifacts / CACHE), settings.accept)
     examples = list(targets)
@@ -269,7 +268,7 @@ def test_every_loss_but_intermediate_is_finite_and_positive_on_a_real_eligible_s
     halt = torch.full(batch.input_ids.shape, 0.1, requires_grad=True)
     out = StudentOutputs(logits, torch.zeros(*batch.input_ids.shape, 4), halt)
     weights = {name: 1.0 for name in LOSSES if name != "intermediate"}
-    total, log = weighted_sum(batch, out, LossConfig(temperature=2.0, rest_bucket=True), weights)
-    total.backward()
-    assert set(log) == set(weights) and all(np.isfinite(v) and v > 0 for v in log.values())
+    loss = weighted_sum(batch, out, LossConfig(temperature=2.0, rest_bucket=True), weights)
+    loss.total.backward()
+    assert set(loss.values) == set(weights) and all(np.isfinite(v) and v > 0 for v in loss.values.values())
     assert torch.isfinite(logits.grad).all() and torch.isfinite(halt.grad).all()

@@ -19,10 +19,10 @@ CACHE = f"teacher/cache/{CACHE_FILE}"
 def _rewrite_cache(workspace, change) -> list:
     """Rebuild the workspace's cache (a new file replaces it) with each entry signed anew as
     ``change(index, request, teacher, response)`` returns its parts."""
-    from kdtrain.teacher.stage import teacher_requests
+    from kdtrain.teacher.stage import filled_settings, teacher_requests
 
-    ctx = workspace.stage_context()
-    requests, _ = teacher_requests(ctx.folder, ctx.contract("distill_data.yaml").teacher)
+    folder = workspace.stage_context().folder
+    requests, _ = teacher_requests(folder, filled_settings(folder))
     by_id = {r.sample_id: r for r in requests}
     with TeacherCache(workspace.artifacts / "teacher/cache") as cache:
         entries = list(cache)
@@ -36,7 +36,7 @@ def test_the_reference_data_and_targets_pass(workspace):
     result = workspace.run("-m", "data")
     assert result.ret == 0 and set(result.parseoutcomes()) == {"passed", "deselected"}
     result.stdout.fnmatch_lines(["passed  distill_data.yaml::corruption_rate *1 passed",
-                                 "passed  distill_data.yaml::teacher_targets *3 passed",
+                                 "passed  distill_data.yaml::teacher_targets *4 passed",
                                  "passed  tool_registry.json::corpus_calls *8 passed"], consecutive=False)
 
 

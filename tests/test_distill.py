@@ -19,13 +19,23 @@ from kdtrain.errors import ConfigError, DataError
 from kdtrain.train.balance import BalanceError, BalanceMonitor
 from kdtrain.train.config import load_config
 from kdtrain.train.data import load_training_data
-from kdtrain.train.loop import Distiller
+from kdtrain.train.checkpoint import capture_rng
+from kdtrain.train.loop import Distiller, RunResult
 
 
 # Cheaper than the pipeline's test run: the short samples (plain answers, with and without
 # thinking) and the terms they exercise; every measured step costs one backward pass per term.
 CHEAP = {"data.max_length": 100, **{f"losses.{n}": 0.0 for n in ("tool_name", "tool_args", "tool_integration",
                                                                    "early_tool_call", "code_mode")}}
+
+
+def distil(config, run_dir: Path, data, stop_after: int | None = None, **setup) -> tuple[Distiller, RunResult]:
+    """What `kdtrain distill` does: setup (resume or gate), train, cleanup."""
+    distiller = Distiller(config, run_dir, data=data, progress=False)
+    distiller.setup(**setup)
+    result = distiller.train(stop_after)
+    distiller.cleanup()
+    return distiller, result
 
 
 @pytest.fixture
@@ -56,28 +66,48 @@ def test_the_monitor_alerts_on_a_term_that_stays_dominant_not_on_a_spike():
 def test_the_smoke_run_refuses_an_overweighted_loss_and_passes_balanced_weights(config_for, training_data, tmp_path, caplog):
     overweighted = config_for("over.yaml", **{"losses.ce": 100.0})
     with pytest.raises(BalanceError) as info:
-        Distiller(overweighted, tmp_path / "over", data=training_data, progress=False).train()
+        distil(overweighted, tmp_path / "over", training_data)
     assert "the smoke run's gradient balance check failed" in str(info.value)
     assert "loss 'ce' dominates the gradient" in str(info.value)
     assert not (tmp_path / "over/checkpoints").exists()  # refused before the first step
     smoke = json.loads((tmp_path / "over/smoke.json").read_text())
     assert smoke["passed"] is False and smoke["override"] is False
 
-    balanced = Distiller(config_for("balanced.yaml"), tmp_path / "balanced", data=training_data, progress=False)
-    result = balanced.train(stop_after=0)
+    _, result = distil(config_for("balanced.yaml"), tmp_path / "balanced", training_data, stop_after=0)
     assert result.alerts == [] and json.loads((tmp_path / "balanced/smoke.json").read_text())["passed"] is True
     norms = json.loads((tmp_path / "balanced/smoke.json").read_text())["measured"][0]["grad_norms"]
     assert max(norms.values()) < 8.0 * sorted(v for v in norms.values() if v > 0)[-2]
 
     with caplog.at_level(logging.WARNING, logger="kdtrain.train"):
-        Distiller(overweighted, tmp_path / "overridden", data=training_data, progress=False).train(stop_after=0, override_balance=True)
+        distil(overweighted, tmp_path / "overridden", training_data, stop_after=0, override_balance=True)
     assert "balance override: starting despite" in caplog.text
     assert json.loads((tmp_path / "overridden/smoke.json").read_text())["override"] is True
 
 
+def test_the_smoke_run_puts_every_rng_back(config_for, training_data, tmp_path, monkeypatch):
+    """The gated run starts from the random state an ungated one starts from: Python's and
+    numpy's too, which a step drawing from them (a user's loss, a data hook) would move."""
+    import random
+
+    step = Distiller.step
+
+    def drawing_step(self, *args, **kwargs):
+        random.random(), np.random.rand()
+        return step(self, *args, **kwargs)
+
+    monkeypatch.setattr(Distiller, "step", drawing_step)
+    states = []
+    for name, gate in (("gated", True), ("ungated", False)):
+        distiller = Distiller(config_for(), tmp_path / name, data=training_data, progress=False)
+        distiller.setup(gate=gate)
+        states.append(capture_rng())
+    (gated, ungated) = states
+    assert gated.python == ungated.python and gated.numpy == ungated.numpy
+    assert np.array_equal(gated.torch.numpy(), ungated.torch.numpy())
+
+
 def test_each_step_logs_per_loss_gradient_norms_and_the_eligible_fraction(config_for, training_data, tmp_path):
-    distiller = Distiller(config_for(), tmp_path / "run", data=training_data, progress=False)
-    distiller.train(stop_after=3)
+    distiller, _ = distil(config_for(), tmp_path / "run", training_data, stop_after=3)
     records = distiller.records()
     assert [r["step"] for r in records] == [0, 1, 2]
     assert [sorted(r.get("grad_norms", {})) == sorted(r["weights"]) for r in records] == [True, False, True]  # every 2nd step
@@ -102,10 +132,10 @@ def test_the_code_mode_mask_is_zero_on_ineligible_samples_of_the_corpus(referenc
 
 
 def test_resume_with_a_changed_loss_weight_fails_with_the_diff(config_for, training_data, tmp_path):
-    Distiller(config_for(), tmp_path / "run", data=training_data, progress=False).train(stop_after=1, gate=False)
+    distil(config_for(), tmp_path / "run", training_data, stop_after=1, gate=False)
     changed = config_for("changed.yaml", **{"losses.kl": 2.0})
     with pytest.raises(ConfigError) as info:
-        Distiller(changed, tmp_path / "run", data=training_data, progress=False).train()
+        distil(changed, tmp_path / "run", training_data)
     message = str(info.value)
     assert "step-000001/meta.json" in message and "1 change(s) not in resume.allow_changes" in message
     assert "  losses.kl: 1.0 -> 2.0" in message.splitlines()
@@ -114,12 +144,9 @@ def test_resume_with_a_changed_loss_weight_fails_with_the_diff(config_for, train
 
 def test_a_resumed_run_matches_an_uninterrupted_one_step_for_step(config_for, training_data, tmp_path):
     config = config_for()
-    whole = Distiller(config, tmp_path / "whole", data=training_data, progress=False)
-    whole.train(gate=False)
-    first = Distiller(config, tmp_path / "split", data=training_data, progress=False)
-    assert first.train(stop_after=2, gate=False).step == 2
-    again = Distiller(config, tmp_path / "split", data=training_data, progress=False)
-    result = again.train()
+    whole, _ = distil(config, tmp_path / "whole", training_data, gate=False)
+    assert distil(config, tmp_path / "split", training_data, stop_after=2, gate=False)[1].step == 2
+    again, result = distil(config, tmp_path / "split", training_data)
     assert result.resumed_from == 2 and [r.step for r in result.records] == [2]
     a, b = whole.records(), again.records()
     assert [r["step"] for r in b] == [0, 1, 2]  # the log shows each step once
@@ -154,8 +181,7 @@ def test_two_gloo_processes_under_torchrun_train_and_checkpoint_once(tmp_path, r
 @pytest.mark.slow
 def test_intermediate_layer_matching_runs_against_the_live_teacher(config_for, training_data, tmp_path):
     config = config_for("hidden.yaml", **{"losses.intermediate": 0.05, "balance.override": True})
-    distiller = Distiller(config, tmp_path / "run", data=training_data, progress=False)
-    result = distiller.train(stop_after=1, gate=False)
+    distiller, result = distil(config, tmp_path / "run", training_data, stop_after=1, gate=False)
     assert result.records[0].terms["intermediate"] > 0
     assert result.records[0].grad_norms["intermediate"] > 0
     assert [n for n, _ in distiller.trainee.named_parameters() if n.startswith("projection.")] == []  # same hidden size: identity
@@ -163,9 +189,9 @@ def test_intermediate_layer_matching_runs_against_the_live_teacher(config_for, t
 
 def test_a_token_budget_stops_the_run_and_a_restart_does_not_spend_it_again(config_for, training_data, tmp_path):
     config = config_for("budget.yaml", **{"budgets.tokens": 150, "optim.steps": 6})
-    first = Distiller(config, tmp_path / "run", data=training_data, progress=False).train(gate=False)
+    first = distil(config, tmp_path / "run", training_data, gate=False)[1]
     assert first.step < config.optim.steps and first.stopped.startswith("budgets.tokens: spent ")
     spent = sum(r.tokens for r in first.records)
     assert spent >= 150 and spent - first.records[-1].tokens < 150  # stopped at the first step over it
-    again = Distiller(config, tmp_path / "run", data=training_data, progress=False).train()
+    again = distil(config, tmp_path / "run", training_data)[1]
     assert again.records == [] and again.step == first.step and again.stopped == first.stopped

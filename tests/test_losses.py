@@ -573,17 +573,18 @@ def test_weighted_sum_is_the_weighted_total_of_the_named_terms_and_logs_each():
     batch, cfg = synthetic_batch(), LossConfig()
     out = outputs(batch)
     weights = {"kl": 0.5, "ce": 1.0, "halt": 2.0}
-    total, log = weighted_sum(batch, out, cfg, weights)
+    loss = weighted_sum(batch, out, cfg, weights)
     each = {name: LOSSES[name](batch, out, cfg).item() for name in weights}
-    assert log == pytest.approx(each)
-    assert total.item() == pytest.approx(sum(weights[n] * each[n] for n in weights), rel=1e-6)
+    assert loss.values == pytest.approx(each)
+    assert {n: t.item() for n, t in loss.terms.items()} == pytest.approx({n: weights[n] * each[n] for n in weights})
+    assert loss.total.item() == pytest.approx(sum(weights[n] * each[n] for n in weights), rel=1e-6)
 
 
 def test_weighted_sum_skips_zero_weights_without_computing_them():
     batch = synthetic_batch()  # no teacher hidden states: the intermediate term would raise
-    total, log = weighted_sum(batch, outputs(batch), LossConfig(), {"ce": 1.0, "intermediate": 0.0, "length": 0})
-    assert set(log) == {"ce"}
-    assert total.item() == pytest.approx(log["ce"])
+    loss = weighted_sum(batch, outputs(batch), LossConfig(), {"ce": 1.0, "intermediate": 0.0, "length": 0})
+    assert set(loss.values) == set(loss.terms) == {"ce"}
+    assert loss.total.item() == pytest.approx(loss.values["ce"])
 
 
 def test_weighted_sum_refuses_unknown_loss_names():

@@ -351,7 +351,7 @@ def test_the_local_teacher_through_the_server(tmp_path, clock):
     gguf.load_tokenizer().save_pretrained(tmp_path)
     tokenizer = Tokenizer("teacher", tmp_path, "transformers")
     teacher = LocalTeacher.load(tokenizer)
-    settings = TeacherSettings(gguf.TEACHER_NAME, (gguf.TEACHER_VERSION,), mode="generate", top_k=8, max_new_tokens=24)
+    settings = TeacherSettings(gguf.TEACHER_NAME, gguf.TEACHER_VERSION, mode="generate", top_k=8, max_new_tokens=24)
     questions = ["What is the capital of France? Answer in one word.",  # ends on the stop token
                  "Reply with three emojis.", "Translate 'good morning' into Japanese."]  # characters split over tokens
     requests = [build_request(f"s{i}", [Message("user", q), Message("assistant", "")], tokenizer, settings)

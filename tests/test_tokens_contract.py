@@ -15,10 +15,10 @@ def _added(data: dict, text: str) -> dict:
 
 def test_reference_artifacts_pass_every_contract(workspace):
     first = workspace.run("--snapshot-update")  # golden/ starts empty in a fresh workspace
-    first.assert_outcomes(passed=170)
+    first.assert_outcomes(passed=171)
     first.stdout.fnmatch_lines(["*7 snapshots generated*"])  # 4 golden vectors, 3 ablation baselines
     result = workspace.run()
-    result.assert_outcomes(passed=170)
+    result.assert_outcomes(passed=171)
     result.stdout.fnmatch_lines([
         "kdcontracts: contracts *contracts",
         "kdcontracts: artifacts *artifacts (from manifest.json)",
@@ -34,7 +34,7 @@ def test_reference_artifacts_pass_every_contract(workspace):
         "passed  coreml_contract.json::io *4 passed",
         "passed  coreml_contract.json::prefill_decode *2 passed",
         "passed  distill_data.yaml::corruption_rate *1 passed",
-        "passed  distill_data.yaml::teacher_targets *3 passed",
+        "passed  distill_data.yaml::teacher_targets *4 passed",
         "passed  export_lint.yaml::lint *4 passed",
         "passed  precision_islands.yaml::islands *4 passed",
         "passed  quant_recipe.yaml::ab *2 passed",

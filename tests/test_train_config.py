@@ -4,6 +4,7 @@ curriculum scales the loss weights."""
 
 from __future__ import annotations
 
+import traceback
 from pathlib import Path
 
 import pytest
@@ -58,14 +59,19 @@ def test_reference_config_loads():
     ("optim.lr", "fast", "optim.lr", "a valid number", "'fast'"),
     ("data.batch_size", 0, "data.batch_size", "greater than or equal to 1", "0"),
     ("data.tool_schema_version", "2", "data.tool_schema_version", r"a string matching ^\d+\.\d+$", "'2'"),
-    ("teacher.versions", [], "teacher.versions", "at least 1 item(s)", "[]"),
+    ("teacher.version", "", "teacher.version", "at least 1 character(s)", "''"),
+    ("teacher.backend", "openai", "teacher.openai", "base_url and model since backend is openai", "None"),
+    ("teacher.openai", {"base_url": "http://127.0.0.1:8000/v1", "model": "m"}, "teacher.openai",
+     "no endpoint since backend is local (or backend: openai)", "'an endpoint'"),
+    ("teacher", {"backend": "openai", "name": "t", "version": "v1", "openai": {"base_url": "http://127.0.0.1:8000/v1", "model": "m"}},
+     "teacher.mode", "'generate' since backend is openai (a chat API cannot score given text)", "'score'"),
+    ("teacher.openai", {"base_url": "http://user:pw@host/v1", "model": "m"}, "teacher.openai.base_url", "a string matching", "'http://user:pw@host/v1'"),
     ("checkpoint.keep_last", 0, "checkpoint.keep_last", "greater than or equal to 1", "0"),
     ("checkpoint.dir", "../elsewhere", "checkpoint.dir", "a relative path inside the run folder", "'../elsewhere'"),
     ("curriculum.1.name", "imitate", "curriculum[1].name", "a stage name used once", "'imitate'"),
     ("curriculum.2.until_step", 16, "curriculum[2].until_step", "more than the previous stage's (16)", "16"),
     ("curriculum.0.scale", {"lenght": 1.0}, "curriculum[0].scale.lenght", "'kl', 'ce',", "'lenght'"),
     ("losses", {"intermediate": 0.05, "intermediate_layers": []}, "losses.intermediate_layers", "[student_layer, teacher_layer] pairs since intermediate > 0", "[]"),
-    ("shapes", [1024, 512], "shapes", "strictly increasing sequence lengths", "[1024, 512]"),
     ("resume.allow_changes", ["optim.lrr"], "resume.allow_changes[0]", "a key path of this configuration", "'optim.lrr'"),
 ])
 def test_bad_value_names_file_key_expected_found(tmp_path, key, value, where, expected, found):
@@ -75,6 +81,16 @@ def test_bad_value_names_file_key_expected_found(tmp_path, key, value, where, ex
     message = str(info.value)
     assert message.startswith(f"{path}: at {where}: expected {expected}"), message
     assert message.endswith(f", found {found}"), message
+
+
+def test_an_api_key_in_place_of_its_variable_name_is_refused_and_not_shown(tmp_path):
+    key = "sk-live-0123456789abcdef"
+    data = edited(reference_data(), "teacher", {"backend": "openai", "name": "t", "version": "v1", "mode": "generate",
+                                                "openai": {"base_url": "https://api.example/v1", "model": "m", "api_key_env": key}})
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, data))
+    assert "at teacher.openai.api_key_env: expected the name of an environment variable" in str(info.value)
+    assert key not in "".join(traceback.format_exception(info.value))  # the message and what a traceback shows
 
 
 def test_missing_required_key(tmp_path):

@@ -1,5 +1,6 @@
 """``distill_data.yaml``: how the corpus is generated and how much of it may be malformed; which
-teacher fills the cache (versions, mode, top-k) and how many samples may lack trusted targets."""
+teachers' targets may be trained on (names, versions, minimum top-k) and how many samples may
+lack trusted targets. Which teacher fills the cache is the trainer config's, not this file's."""
 
 from __future__ import annotations
 
@@ -7,18 +8,19 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kdtrain.data.settings import CorpusSettings
-from kdtrain.teacher.fill import TeacherSettings
+from kdtrain.teacher.cache import Accept
 
 
 @dataclass(frozen=True)
 class DataContract:
     file: Path
     corpus: CorpusSettings
-    teacher: TeacherSettings
+    accept: Accept  # the teachers whose targets may be trained on
+    min_top_k: int
     max_missing_ratio: float
 
 
 def parse(path: Path, data: dict) -> DataContract:
     t = data["teacher"]
-    teacher = TeacherSettings(t["name"], tuple(t["versions"]), t["mode"], t["top_k"], t["max_new_tokens"])
-    return DataContract(path, CorpusSettings(**data["corpus"]), teacher, t["max_missing_ratio"])
+    return DataContract(path, CorpusSettings(**data["corpus"]), Accept(t["name"], tuple(t["versions"])), t["min_top_k"],
+                        t["max_missing_ratio"])

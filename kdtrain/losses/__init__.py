@@ -3,7 +3,7 @@
 Every entry of ``LOSSES`` is ``loss(batch: DistillBatch, out: StudentOutputs, cfg: LossConfig)
 -> torch.Tensor`` (a scalar). The batch is built once by :func:`collate_distill`; the
 student's outputs once by :func:`student_outputs`; the trainer weights and sums the terms
-its config names (:func:`weighted_sum`).
+its config names (:func:`weighted_sum`), which is what the training loop calls.
 """
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ from kdtrain.losses.kl import Direction, topk_kl
 from kdtrain.losses.length import EXCESS, HORIZON, length_loss
 from kdtrain.losses.outputs import StudentOutputs, student_outputs
 
-__all__ = ["LOSSES", "DistillBatch", "HiddenProjection", "LossConfig", "LossFn", "StudentOutputs", "code_mode_mask",
-           "collate_distill", "eligible_fraction", "student_outputs", "weighted_sum"]
+__all__ = ["LOSSES", "DistillBatch", "HiddenProjection", "LossConfig", "LossFn", "StudentOutputs", "WeightedLoss",
+           "code_mode_mask", "collate_distill", "eligible_fraction", "student_outputs", "weighted_sum"]
 
 
 @dataclass(frozen=True)
@@ -62,11 +62,19 @@ LOSSES: dict[str, LossFn] = {
 }
 
 
-def weighted_sum(batch: DistillBatch, out: StudentOutputs, cfg: LossConfig, weights: Mapping[str, float]) -> tuple[torch.Tensor, dict[str, float]]:
-    """(sum of weight x loss over the named terms, each term's value for the log)."""
+@dataclass(frozen=True)
+class WeightedLoss:
+    total: torch.Tensor  # sum of the weighted terms
+    terms: dict[str, torch.Tensor]  # weight x loss per term, still in the graph: the balance check backpropagates each alone
+    values: dict[str, float]  # each term's unweighted value, for the log
+
+
+def weighted_sum(batch: DistillBatch, out: StudentOutputs, cfg: LossConfig, weights: Mapping[str, float]) -> WeightedLoss:
+    """The named terms with a non-zero weight, weighted, and their sum (zero weights are not computed)."""
     unknown = sorted(set(weights) - set(LOSSES))
     if unknown:
         raise KeyError(f"loss weights: expected names among {sorted(LOSSES)}, found {unknown}")
-    terms = {name: LOSSES[name](batch, out, cfg) for name, w in weights.items() if w}
-    total = sum((weights[name] * value for name, value in terms.items()), start=out.logits.new_zeros(()))
-    return total, {name: float(value.detach()) for name, value in terms.items()}
+    values = {name: LOSSES[name](batch, out, cfg) for name, w in weights.items() if w}
+    terms = {name: weights[name] * value for name, value in values.items()}
+    total = sum(terms.values(), start=out.logits.new_zeros(()))
+    return WeightedLoss(total, terms, {name: float(value.detach()) for name, value in values.items()})

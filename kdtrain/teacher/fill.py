@@ -27,17 +27,23 @@ RETRY_FILE = "retry_later.json"
 
 @dataclass(frozen=True)
 class TeacherSettings:
-    """How targets are asked for and which teacher's answers are accepted."""
+    """Which teacher fills the cache and how its targets are asked for (the distill config's
+    ``teacher`` section; recorded in the teacher report so that checks rebuild the requests)."""
 
     name: str
-    versions: tuple[str, ...]  # compatible teacher versions; the first is the one that fills
+    version: str
     mode: Literal["score", "generate"] = "score"
     top_k: int = 8
     max_new_tokens: int = 128
 
     @property
+    def teacher(self) -> TeacherId:
+        return TeacherId(self.name, self.version)
+
+    @property
     def accept(self) -> Accept:
-        return Accept(self.name, self.versions)
+        """This teacher's entries only: what the trainer may train on."""
+        return Accept(self.name, (self.version,))
 
 
 def build_request(sample_id: str, messages: Sequence[Message], tokenizer, settings: TeacherSettings) -> TeacherRequest:

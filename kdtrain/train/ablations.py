@@ -92,7 +92,9 @@ def run_ablations(base: DistillConfig, artifacts: Path, out: Path, protocol: Pro
     for name, terms in EXPERIMENTS.items():
         config = experiment_config(base, terms, protocol)
         distiller = Distiller(config, out / name, artifacts=artifacts)
-        run = distiller.train(gate=False)
+        distiller.setup(gate=False)
+        run = distiller.train()
+        distiller.cleanup()
         results[name] = {"terms": list(terms), "fingerprint": config.fingerprint(), "steps": run.step,
                          "train_loss": [round(r.loss, 6) for r in run.records], **evaluate(distiller, protocol)}
     return {"protocol": protocol.__dict__, "experiments": results}

@@ -41,12 +41,11 @@ import torch
 from kdtrain import atomic
 from kdtrain.artifacts import sha256_path
 from kdtrain.errors import ArtifactError, ConfigError, located
-from kdtrain.teacher.budget import Budget, BudgetLimits
 from kdtrain.train.config import Budgets, Change, DistillConfig, allowed, diff, fingerprint_of
 
 log = logging.getLogger("kdtrain.train")
 
-FORMAT = 1
+FORMAT = 2  # 2: budgets without the API teacher's spending (now the teacher stage's)
 META = "meta.json"
 _STEP = re.compile(r"^step-(\d{6,})$")
 
@@ -64,13 +63,8 @@ class DataPosition:
 class Spent:
     """What the whole run has spent so far, resumes included: limits apply to these totals."""
 
-    teacher: dict = field(default_factory=lambda: Budget().state_dict())  # Budget.state_dict()
     gpu_hours: float = 0.0
-    tokens: int = 0  # training tokens seen by the student
-
-    def teacher_budget(self, limits: Budgets) -> Budget:
-        """The API teacher's budget, continuing from the calls and tokens already spent."""
-        return Budget.from_state(self.teacher, BudgetLimits(limits.teacher_calls, limits.teacher_tokens))
+    tokens: int = 0  # training tokens seen by the student (an API teacher's spending is the teacher stage's)
 
     def exhausted(self, limits: Budgets) -> list[str]:
         """One line per training limit reached (empty while the run may go on)."""

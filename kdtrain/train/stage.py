@@ -33,7 +33,9 @@ def stage_distill(ctx: StageContext) -> None:
     initial = f"{INITIAL} sha256:{folder.entry(INITIAL).sha256}"
     with atomic.directory(folder.root / RUN) as run:
         distiller = Distiller(config, run, artifacts=folder.root)
+        distiller.setup()
         result = distiller.train()
+        distiller.cleanup()
         records = distiller.records()
     hf_config = json.loads((folder.path(INITIAL) / "config.json").read_text(encoding="utf-8"))
     hf_config = {k: v for k, v in hf_config.items() if not k.startswith("kd_")}
