@@ -47,6 +47,28 @@ def test_the_trainer_reads_every_contract_without_the_plugin():
     assert _imported_plugin_side(code) == []
 
 
+HEAVY = ("torch", "coremltools", "transformers", "pytest", "_pytest", "syrupy", "pytest_kdcontracts")
+
+
+def test_loading_every_contract_imports_no_training_code():
+    """The contract language defines its own types: loading every reference contract imports
+    no training code (only the leaf ``kdtrain.errors``), no torch, Core ML or pytest."""
+    code = "\n".join([
+        "import sys",
+        "from pathlib import Path",
+        "import kdcontracts.families",
+        "files = [p for p in sorted(Path('contracts').iterdir()) if kdcontracts.families.family_for(p)]",
+        f"assert sorted(p.name for p in files) == {sorted(f.file_name for f in FAMILIES)!r}, files",
+        "for path in files:",
+        "    kdcontracts.families.load(path)",
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in " + repr(HEAVY + ("kdtrain",)) + "))",
+    ])
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    imported = json.loads(done.stdout.strip().splitlines()[-1].replace("'", '"'))
+    assert [m for m in imported if m not in ("kdtrain", "kdtrain.errors")] == []
+
+
 # --- any mangled contract: loaded, or a located error ----------------------------------------
 
 JSON_VALUES = st.recursive(
