@@ -15,8 +15,9 @@ import time
 
 import numpy as np
 
+from kdcontracts.models.distill_data import Accept
 from kdtrain.teacher.base import TeacherRequest, TeacherResponse
-from kdtrain.teacher.cache import Accept, TeacherCache, TeacherId
+from kdtrain.teacher.cache import TeacherCache, TeacherId
 
 SMALL, LARGE = 10_000, 100_000
 WINDOW = 2_000  # appends timed one by one just before the cache reaches each size

@@ -375,8 +375,9 @@ def test_the_local_teacher_through_the_server(tmp_path, clock):
 def test_a_fill_pass_with_30_percent_of_api_calls_failing_loses_no_sample(serve, clock, tmp_path, caplog):
     """Through the real client and cache: every sample ends cached or on the retry-later
     list, never both, never neither; the next pass (server healthy) completes the list."""
+    from kdcontracts.models.distill_data import Accept
     from kdtrain.data.targets import TeacherTargets
-    from kdtrain.teacher.cache import Accept, TeacherCache
+    from kdtrain.teacher.cache import TeacherCache
     from kdtrain.teacher.fill import fill_cache, retry_later
 
     server = serve(faults=Faults(fraction=0.3, seed=5), timeout_delay_s=1.5, retry_after_s=0.5)

@@ -21,12 +21,13 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from conftest import tamper_cache
+from kdcontracts.models.distill_data import Accept
 from kdtrain.data.chat import Message
 from kdtrain.data.targets import TeacherTargets
 from kdtrain.errors import ArtifactError
 from kdtrain.teacher.base import BudgetExceeded, TeacherError, TeacherRequest, TeacherResponse
 from kdtrain.artifacts import sha256_path
-from kdtrain.teacher.cache import CACHE_FILE, Accept, TeacherCache, TeacherId, bytes_per_token
+from kdtrain.teacher.cache import CACHE_FILE, TeacherCache, TeacherId, bytes_per_token
 from kdtrain.teacher.fill import fill_cache, retry_later
 
 TEACHER = TeacherId("SmolLM2-135M-Instruct", "v1")

@@ -16,12 +16,12 @@ from hypothesis import HealthCheck, given, settings
 from kdcontracts.errors import ContractFileError
 from kdcontracts.families import family_for
 from kdcontracts.loader import load_contract, schema_validator
+from kdcontracts.models.distill_data import CorpusSettings
 from kdtrain.artifacts import ArtifactsFolder
 from kdtrain.data.calls import find_blocks
 from kdtrain.data.chat import Message
 from kdtrain.data.corpus import CORPUS_JSONL, Corpus, Eligibility
 from kdtrain.data.registry import ToolRegistry
-from kdtrain.data.settings import CorpusSettings
 from kdtrain.data.stage import stage_data
 from kdtrain.pipeline import StageContext
 from schema_faults import apply, fault_strategy, faults

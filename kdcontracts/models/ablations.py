@@ -7,7 +7,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kdcontracts.loader import path_beside
-from kdtrain.train.ablations import Protocol
+
+
+@dataclass(frozen=True)
+class Protocol:
+    slice: int  # usable samples trained and evaluated on
+    steps: int
+    samples: int  # prompts whose greedy outputs are kept
+    sample_tokens: int  # greedy tokens per prompt
 
 
 @dataclass(frozen=True)

@@ -7,10 +7,10 @@ validation kept (or marked), ``data/validation_report.json`` what it found: late
 
 from __future__ import annotations
 
+from kdcontracts.models.distill_data import CorpusSettings
 from kdtrain import atomic
 from kdtrain.data.corpus import build_reference_corpus
 from kdtrain.data.noise import plant_noise
-from kdtrain.data.settings import CorpusSettings
 from kdtrain.data.validate import validate_corpus
 from kdtrain.pipeline import StageContext
 

@@ -12,8 +12,9 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Iterator, Sequence
 
+from kdcontracts.models.distill_data import Accept
 from kdtrain.teacher.base import TeacherRequest, TeacherResponse
-from kdtrain.teacher.cache import Accept, TeacherCache
+from kdtrain.teacher.cache import TeacherCache
 
 log = logging.getLogger("kdtrain.data")
 

@@ -32,6 +32,7 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
+from kdcontracts.models.distill_data import Accept
 from kdtrain.errors import ArtifactError, located
 from kdtrain.teacher.base import TeacherRequest, TeacherResponse
 
@@ -74,20 +75,6 @@ def _content_sha256(header: bytes, payload: bytes) -> str:
 class TeacherId:
     name: str
     version: str
-
-
-@dataclass(frozen=True)
-class Accept:
-    """What a reader accepts: this teacher, at one of these versions."""
-
-    name: str
-    versions: tuple[str, ...]
-
-    def __contains__(self, teacher: TeacherId) -> bool:
-        return teacher.name == self.name and teacher.version in self.versions
-
-    def __str__(self) -> str:
-        return f"{self.name} at {' or '.join(self.versions)}"
 
 
 @dataclass(frozen=True)

@@ -16,10 +16,11 @@ from typing import Literal, Sequence
 
 from tqdm import tqdm
 
+from kdcontracts.models.distill_data import Accept
 from kdtrain import atomic
 from kdtrain.data.chat import Message, render_chat
 from kdtrain.teacher.base import BudgetExceeded, Teacher, TeacherError, TeacherRequest, prompt_messages
-from kdtrain.teacher.cache import Accept, TeacherCache, TeacherId
+from kdtrain.teacher.cache import TeacherCache, TeacherId
 
 log = logging.getLogger("kdtrain.teacher")
 RETRY_FILE = "retry_later.json"

@@ -15,9 +15,9 @@ that experiment alone.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
+from kdcontracts.models.ablations import Protocol
 from kdtrain.train.config import LOSS_NAMES, DistillConfig
 
 EXPERIMENTS: dict[str, tuple[str, ...]] = {
@@ -26,14 +26,6 @@ EXPERIMENTS: dict[str, tuple[str, ...]] = {
     "kd_tool_length_halt": ("kl", "ce", "tool_name", "tool_args", "tool_integration", "length", "halt"),
 }
 METRICS = ("kl", "ce", "tool_name", "tool_args", "tool_integration", "length", "halt")  # every loss but the gated ones
-
-
-@dataclass(frozen=True)
-class Protocol:
-    slice: int  # usable samples trained and evaluated on
-    steps: int
-    samples: int  # prompts whose greedy outputs are kept
-    sample_tokens: int  # greedy tokens per prompt
 
 
 def experiment_config(base: DistillConfig, terms: tuple[str, ...], protocol: Protocol) -> DistillConfig:
