@@ -7,8 +7,9 @@ from dataclasses import replace
 import pytest
 import torch
 
+from kdcontracts.models.export_lint import LintRules
 from kdtrain.export.graph import summarize_program
-from kdtrain.export.lint import LintRules, lint
+from kdtrain.export.lint import lint
 from kdtrain.export.programs import PrefillProgram, example_inputs
 from kdtrain.student.model import StudentConfig, StudentLM
 

@@ -1,5 +1,8 @@
 """``export_lint.yaml``: the graph linter's settings (denylist, int64 sinks, cast baseline),
-applied to every function and length that ``coreml_contract.json`` enumerates."""
+applied to every function and length that ``coreml_contract.json`` enumerates.
+
+The rules are data defined here; linting a graph with them is ``kdtrain.export.lint``'s (it
+needs the exporter's graph summaries and coremltools' op registry, which a contract must not)."""
 
 from __future__ import annotations
 
@@ -8,7 +11,15 @@ from pathlib import Path
 
 from kdcontracts.families import load_sibling
 from kdcontracts.models.coreml import CoreMLContract
-from kdtrain.export.lint import LintRules
+
+
+@dataclass(frozen=True)
+class LintRules:
+    denylist: tuple[str, ...]
+    int64_sinks: tuple[str, ...]  # op kinds whose inputs must be int64-free (softmax, matmul, ...)
+    mask_inputs: tuple[str, ...]  # user inputs that feed the mask arithmetic
+    cast_ops: tuple[str, ...]
+    cast_baseline: dict[str, int]  # function -> number of casts recorded
 
 
 @dataclass(frozen=True)

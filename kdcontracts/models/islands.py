@@ -3,12 +3,22 @@ keeps them FP32; the plugin checks every function and length that coreml_contrac
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from kdcontracts.families import load_sibling
 from kdcontracts.models.coreml import CoreMLContract
-from kdtrain.coreml.convert import Island
+
+
+@dataclass(frozen=True)
+class Island:
+    name: str
+    op_types: tuple[str, ...]
+    name_pattern: str | None = None
+
+    def matches(self, op_type: str, op_name: str) -> bool:
+        return op_type in self.op_types and (self.name_pattern is None or re.search(self.name_pattern, op_name) is not None)
 
 
 @dataclass(frozen=True)

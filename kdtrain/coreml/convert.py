@@ -8,27 +8,16 @@ best case, and lets each length be verified, shipped or dropped alone.
 
 from __future__ import annotations
 
-import re
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from kdcontracts.models.islands import Island
 from kdtrain import atomic
 from kdtrain.errors import KDError
 
 _NP = {"int32": np.int32, "float16": np.float16, "float32": np.float32}
-
-
-@dataclass(frozen=True)
-class Island:
-    name: str
-    op_types: tuple[str, ...]
-    name_pattern: str | None = None
-
-    def matches(self, op_type: str, op_name: str) -> bool:
-        return op_type in self.op_types and (self.name_pattern is None or re.search(self.name_pattern, op_name) is not None)
 
 
 class LintError(KDError):

@@ -1,6 +1,6 @@
 """The graph linter: predicts, before conversion, what would fail or silently degrade on Core ML.
 
-Rules (their settings come from ``contracts/export_lint.yaml``):
+Rules (their settings, :class:`LintRules`, are ``contracts/export_lint.yaml``'s typed model):
 
 1. ``convertible``: every aten op is in coremltools' own torch-frontend registry, looked up
    the way its converter does (``sanitize_op_kind``), so the list never goes stale; and no
@@ -18,18 +18,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import lru_cache
 
+from kdcontracts.models.export_lint import LintRules
 from kdtrain.export.graph import GraphNode, GraphSummary
 
 FLOAT_DTYPES = {"float16", "bfloat16", "float32", "float64"}
-
-
-@dataclass(frozen=True)
-class LintRules:
-    denylist: tuple[str, ...]
-    int64_sinks: tuple[str, ...]  # op kinds whose inputs must be int64-free (softmax, matmul, ...)
-    mask_inputs: tuple[str, ...]  # user inputs that feed the mask arithmetic
-    cast_ops: tuple[str, ...]
-    cast_baseline: dict[str, int]  # function -> number of casts recorded
 
 
 @dataclass(frozen=True)
