@@ -7,8 +7,8 @@ from __future__ import annotations
 import pytest
 import yaml
 
+from kdcontracts.models.quant import Keep, Quantize, Recipe, Rule
 from kdtrain.errors import ConfigError
-from kdtrain.quant.recipe import Keep, Quantize, Recipe, Rule
 
 INT8 = "coreml/int8/student-L64.mlpackage"
 FP16 = "coreml/fp16/student-L64.mlpackage"

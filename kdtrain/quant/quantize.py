@@ -9,8 +9,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from kdcontracts.models.quant import Quantize, Setting
 from kdtrain.coreml.convert import save_multifunction
-from kdtrain.quant.recipe import Quantize, Setting, const_name
+from kdtrain.quant.recipe import const_name
 
 
 def single_function(package: Path, function: str):

@@ -10,12 +10,13 @@ import json
 
 from tqdm import tqdm
 
+from kdcontracts.models.quant import Recipe
 from kdtrain import atomic
 from kdtrain.coreml.stage import mlpackage_artifact
 from kdtrain.quant.ab import measure_ab, package_size
 from kdtrain.quant.calibration import activation_stats, build_calibration_set
 from kdtrain.quant.quantize import quantize_package
-from kdtrain.quant.recipe import Recipe, checkpoint_modules
+from kdtrain.quant.recipe import checkpoint_modules
 
 
 def ab_prompts(calibration: list[dict]) -> list[list[int]]:

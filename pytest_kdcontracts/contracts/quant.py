@@ -8,8 +8,8 @@ from typing import Iterator
 
 import numpy as np
 
-from kdcontracts.models.quant import QuantContract
-from kdtrain.quant.recipe import Quantize, const_name
+from kdcontracts.models.quant import QuantContract, Quantize
+from kdtrain.quant.recipe import const_name
 from pytest_kdcontracts.check import Check, fail
 
 
