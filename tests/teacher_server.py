@@ -24,7 +24,8 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Callable, Iterator, Sequence
 
-from kdtrain.data.chat import Message, render_chat
+from kdcontracts.models.tokens import Message
+from kdtrain.data.chat import render_chat
 from kdtrain.teacher.base import Teacher, TeacherRequest, TeacherResponse
 
 FAULT_KINDS = ("429", "500", "503", "timeout", "truncated", "half_json", "no_logprobs")

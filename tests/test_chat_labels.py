@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from kdtrain.data.chat import IGNORE_INDEX, Message, render_chat, supervised_labels
+from kdcontracts.models.tokens import Message
+from kdtrain.data.chat import IGNORE_INDEX, render_chat, supervised_labels
 from kdtrain.tokenizers.load import Tokenizer
 
 MESSAGES = (

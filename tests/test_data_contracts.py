@@ -76,7 +76,7 @@ def test_an_entry_from_another_teacher_version_is_not_trained_on(workspace):
 
 
 def test_a_sample_edited_after_its_targets_were_cached_has_none(workspace):
-    from kdtrain.data.chat import Message
+    from kdcontracts.models.tokens import Message
     from kdtrain.data.corpus import Corpus
 
     corpus = Corpus.load(workspace.artifacts / "data/corpus")

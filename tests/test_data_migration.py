@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from kdcontracts.models.tokens import Message
 from kdtrain.cli import main
-from kdtrain.data.chat import Message
 from kdtrain.data.corpus import CORPUS_JSON, CORPUS_JSONL, Corpus, Eligibility, Sample, SampleMeta
 from kdtrain.data.migrate import migrate_code, migrate_corpus
 from kdtrain.data.registry import Migration, RenameField, RenameTool, load_registry

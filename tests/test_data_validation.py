@@ -12,9 +12,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from kdcontracts.models.tokens import Message
 from kdtrain.cli import main
 from kdtrain.data.calls import CLOSE, OPEN, find_blocks
-from kdtrain.data.chat import Message
 from kdtrain.data.corpus import Corpus, Sample, build_reference_corpus
 from kdtrain.data.noise import CALL_FAULTS, CODE_UNKNOWN_CALL, HALLUCINATED_TOOL, plant, plant_noise
 from kdtrain.data.registry import load_registry

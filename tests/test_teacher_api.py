@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 from teacher_server import FAULT_KINDS, Faults, teacher_server
 
-from kdtrain.data.chat import Message, render_chat
+from kdcontracts.models.tokens import Message
+from kdtrain.data.chat import render_chat
 from kdtrain.teacher.base import BudgetExceeded, TeacherError, TeacherRequest, TeacherResponse
 from kdtrain.teacher.budget import Budget, BudgetLimits
 from kdtrain.teacher.openai_api import OpenAIChatTeacher, RetryPolicy, token_char_spans

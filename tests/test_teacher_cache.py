@@ -22,7 +22,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 from conftest import tamper_cache
 from kdcontracts.models.distill_data import Accept
-from kdtrain.data.chat import Message
+from kdcontracts.models.tokens import Message
 from kdtrain.data.targets import TeacherTargets
 from kdtrain.errors import ArtifactError
 from kdtrain.teacher.base import BudgetExceeded, TeacherError, TeacherRequest, TeacherResponse

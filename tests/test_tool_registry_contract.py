@@ -17,9 +17,9 @@ from kdcontracts.errors import ContractFileError
 from kdcontracts.families import family_for
 from kdcontracts.loader import load_contract, schema_validator
 from kdcontracts.models.distill_data import CorpusSettings
+from kdcontracts.models.tokens import Message
 from kdtrain.artifacts import ArtifactsFolder
 from kdtrain.data.calls import find_blocks
-from kdtrain.data.chat import Message
 from kdtrain.data.corpus import CORPUS_JSONL, Corpus, Eligibility
 from kdtrain.data.registry import ToolRegistry
 from kdtrain.data.stage import stage_data

@@ -6,9 +6,19 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from kdcontracts.errors import ContractFileError, Problem
-from kdtrain.data.chat import Message
+
+Role = Literal["system", "user", "assistant", "tool"]
+
+
+@dataclass(frozen=True)
+class Message:
+    """One chat turn, as a supervision example writes it (and the corpus and teachers carry it)."""
+
+    role: Role
+    content: str
 
 
 @dataclass(frozen=True)

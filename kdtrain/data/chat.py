@@ -10,16 +10,11 @@ masking can only err towards supervising, never towards hiding a tool or JSON to
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, Sequence
+from typing import Sequence
+
+from kdcontracts.models.tokens import Message
 
 IGNORE_INDEX = -100
-Role = Literal["system", "user", "assistant", "tool"]
-
-
-@dataclass(frozen=True)
-class Message:
-    role: Role
-    content: str
 
 
 @dataclass(frozen=True)

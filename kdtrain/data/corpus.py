@@ -20,8 +20,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from kdcontracts.models.tokens import Message
 from kdtrain import atomic
-from kdtrain.data.chat import Message
 from kdtrain.errors import DataError, located
 
 CORPUS_JSONL = "corpus.jsonl"

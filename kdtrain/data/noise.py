@@ -13,8 +13,8 @@ import math
 import random
 from typing import Callable
 
+from kdcontracts.models.tokens import Message
 from kdtrain.data.calls import CLOSE, CODE_TOOL, OPEN, find_blocks
-from kdtrain.data.chat import Message
 from kdtrain.data.corpus import Corpus, Sample
 from kdtrain.data.registry import ToolRegistry, parse_version
 

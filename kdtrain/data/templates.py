@@ -13,7 +13,7 @@ import json
 import random
 from typing import Callable
 
-from kdtrain.data.chat import Message
+from kdcontracts.models.tokens import Message
 
 REFERENCE_TOOLS = ("get_weather", "search_flights", "convert_currency", "lookup_customer", "send_email", "fetch_document", "run_code")
 

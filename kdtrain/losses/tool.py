@@ -21,8 +21,9 @@ from dataclasses import dataclass, field
 from json.decoder import scanstring
 from typing import Sequence
 
+from kdcontracts.models.tokens import Message
 from kdtrain.data.calls import CLOSE, OPEN, find_blocks
-from kdtrain.data.chat import Message, RenderedChat
+from kdtrain.data.chat import RenderedChat
 from kdtrain.losses.integration import integration_spans, integrates
 
 __all__ = ["CallSpans", "ToolSpans", "call_spans", "integrates", "integration_spans", "tool_spans"]

@@ -22,7 +22,7 @@ from typing import Literal, Protocol, Sequence
 
 import numpy as np
 
-from kdtrain.data.chat import Message
+from kdcontracts.models.tokens import Message
 from kdtrain.errors import KDError
 
 

@@ -17,8 +17,9 @@ from typing import Literal, Sequence
 from tqdm import tqdm
 
 from kdcontracts.models.distill_data import Accept
+from kdcontracts.models.tokens import Message
 from kdtrain import atomic
-from kdtrain.data.chat import Message, render_chat
+from kdtrain.data.chat import render_chat
 from kdtrain.teacher.base import BudgetExceeded, Teacher, TeacherError, TeacherRequest, prompt_messages
 from kdtrain.teacher.cache import TeacherCache, TeacherId
 
