@@ -11,10 +11,11 @@ from pathlib import Path
 import pytest
 
 from kdcontracts.models.tokens import Message
+from kdcontracts.models.tool_registry import Migration, RenameField, RenameTool
 from kdtrain.cli import main
 from kdtrain.data.corpus import CORPUS_JSON, CORPUS_JSONL, Corpus, Eligibility, Sample, SampleMeta
 from kdtrain.data.migrate import migrate_code, migrate_corpus
-from kdtrain.data.registry import Migration, RenameField, RenameTool, load_registry
+from kdtrain.data.registry import load_registry
 from kdtrain.data.templates import tool_call
 from kdtrain.data.validate import require_compatible, validate_corpus
 from kdtrain.errors import DataError

@@ -18,10 +18,10 @@ from kdcontracts.families import family_for
 from kdcontracts.loader import load_contract, schema_validator
 from kdcontracts.models.distill_data import CorpusSettings
 from kdcontracts.models.tokens import Message
+from kdcontracts.models.tool_registry import ToolRegistry
 from kdtrain.artifacts import ArtifactsFolder
 from kdtrain.data.calls import find_blocks
 from kdtrain.data.corpus import CORPUS_JSONL, Corpus, Eligibility
-from kdtrain.data.registry import ToolRegistry
 from kdtrain.data.stage import stage_data
 from kdtrain.pipeline import StageContext
 from schema_faults import apply, fault_strategy, faults

@@ -18,9 +18,9 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from kdcontracts.models.tokens import Message
+from kdcontracts.models.tool_registry import Migration, RenameField, RenameTool, Step, ToolRegistry, describe_step
 from kdtrain.data.calls import CODE_TOOL, field_name, find_blocks, tool_calls_in_code
 from kdtrain.data.corpus import Corpus, Sample
-from kdtrain.data.registry import Migration, RenameField, RenameTool, Step, ToolRegistry, describe_step
 from kdtrain.errors import DataError, located
 
 

@@ -14,9 +14,9 @@ import random
 from typing import Callable
 
 from kdcontracts.models.tokens import Message
+from kdcontracts.models.tool_registry import ToolRegistry, parse_version
 from kdtrain.data.calls import CLOSE, CODE_TOOL, OPEN, find_blocks
 from kdtrain.data.corpus import Corpus, Sample
-from kdtrain.data.registry import ToolRegistry, parse_version
 
 HALLUCINATED_TOOL = "web_search"
 UNEXPECTED_FIELD = "verbose"

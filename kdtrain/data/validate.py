@@ -12,9 +12,9 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from typing import Literal
 
+from kdcontracts.models.tool_registry import ToolRegistry, compatible
 from kdtrain.data.calls import Call, describe, read_calls
 from kdtrain.data.corpus import Corpus, Sample
-from kdtrain.data.registry import ToolRegistry, compatible
 from kdtrain.errors import DataError, located
 
 CAUSES = ("truncated_json", "invalid_json", "unclosed_tool_call", "unknown_tool", "missing_field", "wrong_type",

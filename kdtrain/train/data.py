@@ -19,9 +19,9 @@ from pathlib import Path
 
 import numpy as np
 
+from kdcontracts.models.tool_registry import compatible
 from kdtrain.artifacts import ArtifactsFolder
 from kdtrain.data.corpus import Corpus
-from kdtrain.data.registry import compatible
 from kdtrain.data.targets import DistillExample, TeacherTargets
 from kdtrain.errors import ConfigError, DataError, located
 from kdtrain.losses import DistillBatch, collate_distill

@@ -12,7 +12,7 @@ from collections import Counter
 from functools import partial
 from typing import Iterator
 
-from kdtrain.data.registry import ToolRegistry
+from kdcontracts.models.tool_registry import ToolRegistry
 from pytest_kdcontracts.check import Check, fail
 
 UNREGISTERED = "unregistered"
