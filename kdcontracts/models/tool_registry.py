@@ -153,7 +153,6 @@ class ToolRegistry:
         return tuple(path)
 
 
-
 def _tool_problems(tools: list[dict]) -> list[Problem]:
     from jsonschema import Draft202012Validator
     from jsonschema.exceptions import SchemaError
