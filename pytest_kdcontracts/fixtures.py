@@ -7,6 +7,7 @@ inside the item that needs it, so that item fails with the message, not a setup 
 from __future__ import annotations
 
 
+import numpy as np
 import pytest
 
 from kdtrain.artifacts import DISTILLED
@@ -114,7 +115,7 @@ class CoreMLPackages:
 
         if (length, precision) not in self._sessions:
             program = self.mil(length, precision) if backend_name() == "mil-reference" else None  # parsed once
-            self._sessions[length, precision] = open_package(self.package(length, precision), program=program)
+            self._sessions[length, precision] = PrefillOnce(open_package(self.package(length, precision), program=program))
         return self._sessions[length, precision]
 
 
@@ -124,30 +125,31 @@ def kd_coreml(kd_artifacts) -> CoreMLPackages:
     return CoreMLPackages(kd_artifacts)
 
 
-class _OncePerPrompt:
-    """A host whose prefill of one prompt runs once a session: golden[prefill], golden[decode]
-    and prefill_decode of a length all start from the same prompt, and a prefill at L=4096 is
-    the costliest call the contracts make. Each caller gets its own copy of the state (decode
-    writes it); a runtime that cannot copy one (Core ML's MLState) runs the prefill again."""
+class PrefillOnce:
+    """A session whose prefill from a fresh state runs once a session per inputs.
 
-    def __init__(self, host):
-        self._host, self._done = host, {}
+    Golden, prefill/decode, quantization A/B and finite-output items of one length start
+    from the same prompts, and a prefill at L=4096 is the costliest call the contracts make.
+    Prefill from a fresh state is a function of its inputs alone, so its outputs and the
+    state it leaves are kept and handed out as copies (decode then writes its own copy). A
+    runtime that cannot copy its state (Core ML's MLState) runs every call."""
 
-    def prefill(self, prompt: list[int]):
-        from kdtrain.runtime.host import HostState
+    def __init__(self, session):
+        self.session, self.backend, self._done = session, session.backend, {}
 
-        copy = self._host.session.copy_state
-        key = tuple(prompt)
+    def predict(self, function, inputs, state):
+        if function != "prefill" or not self.session.is_fresh(state):
+            return self.session.predict(function, inputs, state)
+        key = tuple((name, np.asarray(value).tobytes()) for name, value in sorted(inputs.items()))
         if key not in self._done:
-            state, logits = self._host.prefill(prompt)
-            if copy(state.cache) is None:
-                return state, logits
-            self._done[key] = (state, logits)
-        state, logits = self._done[key]
-        return HostState(state.position, copy(state.cache)), logits.copy()
+            outputs = self.session.predict(function, inputs, state)
+            self._done[key] = (outputs, self.session.copy_state(state))
+        outputs, saved = self._done[key]
+        self.session.restore_state(state, saved)
+        return {name: value.copy() for name, value in outputs.items()}
 
     def __getattr__(self, name):
-        return getattr(self._host, name)
+        return getattr(self.session, name)
 
 
 class Runtime:
@@ -189,8 +191,8 @@ class Runtime:
             self._by_length[length] = SimpleNamespace(
                 backend=session.backend,
                 session=session,
-                host=_OncePerPrompt(Host(session, length, pad_id)),
-                torch_host=_OncePerPrompt(Host(TorchSession(self.student, length), length, pad_id)),
+                host=Host(session, length, pad_id),
+                torch_host=Host(PrefillOnce(TorchSession(self.student, length)), length, pad_id),
                 student=self.student,
             )
         return self._by_length[length]

@@ -22,6 +22,12 @@ class Session(Protocol):
     def copy_state(self, state):
         """An independent copy of ``state``, or None where the runtime cannot copy one (MLState)."""
 
+    def restore_state(self, state, saved) -> None:
+        """Overwrite ``state`` in place with a copy made by :meth:`copy_state`."""
+
+    def is_fresh(self, state) -> bool:
+        """Whether ``state`` is as ``new_state()`` made it (all zero)."""
+
     def predict(self, function: str, inputs: dict[str, np.ndarray], state) -> dict[str, np.ndarray]: ...
 
 
@@ -51,6 +57,12 @@ class MILSession:
 
         return State({name: value.copy() for name, value in state.values.items()})
 
+    def restore_state(self, state, saved) -> None:
+        state.values.update({name: value.copy() for name, value in saved.values.items()})
+
+    def is_fresh(self, state) -> bool:
+        return not any(value.any() for value in state.values.values())
+
     def predict(self, function, inputs, state):
         return self.executor.predict(function, inputs, state)
 
@@ -77,6 +89,12 @@ class CoreMLSession:
     def copy_state(self, state):
         return None  # an MLState cannot be copied: callers run the prefill again
 
+    def restore_state(self, state, saved) -> None:
+        raise TypeError("an MLState cannot be restored from a copy")
+
+    def is_fresh(self, state) -> bool:
+        return False
+
     def predict(self, function, inputs, state):
         return {k: np.asarray(v) for k, v in self._model(function).predict(inputs, state=state).items()}
 
@@ -100,6 +118,13 @@ class TorchSession:
 
     def copy_state(self, state):
         return {name: value.clone() for name, value in state.items()}
+
+    def restore_state(self, state, saved) -> None:
+        for name, value in saved.items():
+            state[name].copy_(value)
+
+    def is_fresh(self, state) -> bool:
+        return not any(bool(value.any()) for value in state.values())
 
     def predict(self, function, inputs, state):
         import torch

@@ -36,10 +36,19 @@ def _f32(x: np.ndarray) -> np.ndarray:
     return torch.from_numpy(np.ascontiguousarray(x)).float().numpy()
 
 
+# Conversions to a float dtype that torch makes vectorised and numpy's astype does not (bool,
+# ints, FP16 <-> FP32): FP32 -> FP16 rounds to nearest even and overflows to inf in both.
+_TORCH_SOURCES = {np.dtype(t): getattr(torch, n) for t, n in ((np.float16, "float16"), (np.float32, "float32"), (np.float64, "float64"),
+                                                              (np.bool_, "bool"), (np.int8, "int8"), (np.uint8, "uint8"),
+                                                              (np.int16, "int16"), (np.int32, "int32"), (np.int64, "int64"))}
+_TORCH_FLOATS = {np.dtype(np.float16): torch.float16, np.dtype(np.float32): torch.float32}
+
+
 def to_dtype(value: np.ndarray, dtype) -> np.ndarray:
     """Store a result in its MIL dtype; FP32 -> FP16 rounds (and overflows to inf) as IEEE does."""
-    if dtype == np.float16 and isinstance(value, np.ndarray) and value.dtype == np.float32:
-        return torch.from_numpy(np.ascontiguousarray(value)).half().numpy()
+    target = _TORCH_FLOATS.get(np.dtype(dtype))
+    if target is not None and isinstance(value, np.ndarray) and value.dtype != dtype and value.dtype in _TORCH_SOURCES:
+        return torch.from_numpy(np.ascontiguousarray(value)).to(target).numpy()
     return np.asarray(value).astype(dtype, copy=False)
 
 
