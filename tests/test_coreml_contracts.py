@@ -116,7 +116,7 @@ def test_the_full_135m_teacher_converts_at_512(tmp_path, test_contracts):
 
     from kdtrain.coreml.inspect import functions_io
     from kdtrain.coreml.stage import convert_length
-    from kdtrain.pipeline import StageContext
+    from kdtrain.stage import StageContext
     from kdtrain.artifacts import ArtifactsFolder
     from kdtrain.student.model import StudentConfig, StudentLM
     from kdtrain.teacher import gguf

@@ -23,7 +23,7 @@ from kdtrain.artifacts import ArtifactsFolder
 from kdtrain.data.calls import find_blocks
 from kdtrain.data.corpus import CORPUS_JSONL, Corpus, Eligibility
 from kdtrain.data.stage import stage_data
-from kdtrain.pipeline import StageContext
+from kdtrain.stage import StageContext
 from schema_faults import apply, fault_strategy, faults
 
 REPO = Path(__file__).resolve().parents[1]
