@@ -15,8 +15,8 @@ ROUNDS = 3
 
 @pytest.fixture(scope="module")
 def runtime(bench_artifacts):
+    from kdtrain.artifact_table import coreml_package
     from kdtrain.artifacts import ArtifactsFolder
-    from kdtrain.coreml.stage import mlpackage_artifact
     from kdtrain.runtime.backend import MILSession, TorchSession
     from kdtrain.student.model import StudentLM
 
@@ -26,7 +26,7 @@ def runtime(bench_artifacts):
     student = StudentLM.from_pretrained(folder.path(folder.exported_student()))
     ids = np.random.default_rng(0).integers(3, 49000, (1, length)).astype(np.int32)
     inputs = {"input_ids": ids, "attention_mask": np.ones((1, length), np.int32)}
-    return {"mil": MILSession(folder.path(mlpackage_artifact(length))), "torch": TorchSession(student, length),
+    return {"mil": MILSession(folder.path(coreml_package(length))), "torch": TorchSession(student, length),
             "inputs": inputs, "length": length}
 
 

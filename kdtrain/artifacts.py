@@ -16,7 +16,8 @@ Layout (each stage owns one sub-folder; later stages add theirs)::
     student/distilled/         the distilled student (what export, convert and quantize read)
 
 Artifacts are named (``tokenizer.runtime``), never located by path in contracts, so a
-stage can move its files without touching a contract.
+stage can move its files without touching a contract; :mod:`kdtrain.artifact_table` is
+the one table of names, paths, kinds and stages.
 """
 
 from __future__ import annotations
@@ -30,11 +31,11 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from kdtrain import __version__, atomic
+from kdtrain.artifact_table import STUDENT_CHECKPOINT, STUDENT_DISTILLED, Artifact
 from kdtrain.errors import ArtifactError, located
 
 MANIFEST = "manifest.json"
 MANIFEST_VERSION = 1
-INITIAL, DISTILLED = "student.checkpoint", "student.distilled"
 
 
 class ArtifactEntry(BaseModel):
@@ -93,6 +94,10 @@ def _pydantic_message(file: Path, error: ValidationError) -> str:
     return "\n".join(lines)
 
 
+def _name(artifact: Artifact | str) -> str:
+    return artifact.name if isinstance(artifact, Artifact) else artifact
+
+
 class ArtifactsFolder:
     """An artifacts folder and its manifest; the only way kdtrain and the plugin touch it."""
 
@@ -131,8 +136,9 @@ class ArtifactsFolder:
     def save(self) -> None:
         atomic.write_json(self.root / MANIFEST, self.manifest.model_dump(mode="json"))
 
-    def path(self, name: str) -> Path:
-        """Where the artifact ``name`` lives; an :class:`ArtifactError` if it is not there."""
+    def path(self, artifact: Artifact | str) -> Path:
+        """Where an artifact (a table entry, or a name from a config) lives; an :class:`ArtifactError` if it is not there."""
+        name = _name(artifact)
         entry = self.manifest.artifacts.get(name)
         if entry is None:
             known = ", ".join(sorted(self.manifest.artifacts)) or "none"
@@ -146,31 +152,33 @@ class ArtifactsFolder:
             )
         return path
 
-    def entry(self, name: str) -> ArtifactEntry:
-        self.path(name)
-        return self.manifest.artifacts[name]
+    def entry(self, artifact: Artifact | str) -> ArtifactEntry:
+        self.path(artifact)
+        return self.manifest.artifacts[_name(artifact)]
 
-    def record(self, name: str, relpath: str, kind: str, stage: str) -> None:
-        """Register an artifact that a stage has just written (atomically) under ``relpath``."""
-        entry = ArtifactEntry(path=relpath, kind=kind, stage=stage, sha256=sha256_path(self.root / relpath))
-        self.manifest.artifacts[name] = entry
+    def record(self, artifact: Artifact) -> None:
+        """Register an artifact that a stage has just written (atomically) at its table path."""
+        entry = ArtifactEntry(path=artifact.path, kind=artifact.kind, stage=artifact.stage,
+                              sha256=sha256_path(self.root / artifact.path))
+        self.manifest.artifacts[artifact.name] = entry
         self.save()
 
-    def exported_student(self) -> str:
+    def exported_student(self) -> Artifact:
         """The student checkpoint the export stages and the plugin read, by artifact name.
 
         The distilled one once the distill stage has run, provided it was trained from the
         current initial checkpoint; a stale one is an error, never exported silently.
         """
-        if DISTILLED not in self.manifest.artifacts:
-            return INITIAL
-        source = self.manifest.stages["distill"].settings.get("student") if "distill" in self.manifest.stages else None
-        current = f"{INITIAL} sha256:{self.entry(INITIAL).sha256}"
+        if STUDENT_DISTILLED.name not in self.manifest.artifacts:
+            return STUDENT_CHECKPOINT
+        distill = STUDENT_DISTILLED.stage
+        source = self.manifest.stages[distill].settings.get("student") if distill in self.manifest.stages else None
+        current = f"{STUDENT_CHECKPOINT.name} sha256:{self.entry(STUDENT_CHECKPOINT).sha256}"
         if source != current:
             raise ArtifactError(located(self.root / MANIFEST, "stages.distill.settings.student",
-                                        f"{DISTILLED} trained from the current {current} (re-run: kdtrain pipeline --stages distill)",
+                                        f"{STUDENT_DISTILLED.name} trained from the current {current} (re-run: kdtrain pipeline --stages distill)",
                                         source))
-        return DISTILLED
+        return STUDENT_DISTILLED
 
     def record_stage(self, stage: str, settings: dict[str, Any]) -> None:
         now = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")

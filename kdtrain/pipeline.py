@@ -10,33 +10,20 @@ import importlib
 import logging
 import shutil
 import time
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Callable
+from pathlib import Path, PurePosixPath
+from typing import Callable
 
 from tqdm import tqdm
 
 from kdtrain import atomic
+from kdtrain.artifact_table import (MIGRATION_AUDIT, STUDENT_CHECKPOINT, STUDENT_INIT, TOKENIZER_RUNTIME, TOKENIZER_STUDENT,
+                                    TOKENIZER_TEACHER)
 from kdtrain.artifacts import ArtifactsFolder
+from kdtrain.stage import StageContext
 from kdtrain.teacher import gguf
 from kdtrain.tokenizers.fingerprint import TOKENIZER_JSON
 
 log = logging.getLogger("kdtrain.pipeline")
-
-
-@dataclass
-class StageContext:
-    """What a stage gets: the artifacts folder and the contract folder it builds towards."""
-
-    folder: ArtifactsFolder
-    contracts: Path
-    distill_config: Path = Path("configs/distill_reference.yaml")  # the trainer's config (distill stage)
-
-    def contract(self, file_name: str) -> Any:
-        """A contract file, schema-validated and typed by the contract language (:mod:`kdcontracts`)."""
-        from kdcontracts.families import load
-
-        return load(self.contracts / file_name)
 
 
 def stage_tokenizers(ctx: StageContext) -> None:
@@ -46,17 +33,17 @@ def stage_tokenizers(ctx: StageContext) -> None:
 
     teacher = gguf.load_tokenizer()
     student, _, audit = migrate_vocabulary(teacher)
-    for name, tok in (("teacher", teacher), ("student", student)):
-        rel = f"tokenizers/{name}"
-        with atomic.directory(folder.root / rel) as tmp:
+    for artifact, tok in ((TOKENIZER_TEACHER, teacher), (TOKENIZER_STUDENT, student)):
+        with atomic.directory(folder.root / artifact.path) as tmp:
             tok.save_pretrained(tmp)
-        folder.record(f"tokenizer.{name}", rel, "tokenizer/transformers", "tokenizers")
-    with atomic.directory(folder.root / "tokenizers/runtime") as tmp:
-        shutil.copyfile(folder.path("tokenizer.student") / TOKENIZER_JSON, tmp / TOKENIZER_JSON)
-    folder.record("tokenizer.runtime", f"tokenizers/runtime/{TOKENIZER_JSON}", "tokenizer/runtime", "tokenizers")
+        folder.record(artifact)
+    runtime = PurePosixPath(TOKENIZER_RUNTIME.path)
+    with atomic.directory(folder.root / runtime.parent) as tmp:
+        shutil.copyfile(folder.path(TOKENIZER_STUDENT) / TOKENIZER_JSON, tmp / runtime.name)
+    folder.record(TOKENIZER_RUNTIME)
     audit["teacher"] = {"name": gguf.TEACHER_NAME, "version": gguf.TEACHER_VERSION}
-    atomic.write_json(folder.root / "migration/audit.json", audit)
-    folder.record("migration.audit", "migration/audit.json", "audit/vocab-migration", "tokenizers")
+    atomic.write_json(folder.root / MIGRATION_AUDIT.path, audit)
+    folder.record(MIGRATION_AUDIT)
     folder.record_stage("tokenizers", {"teacher": gguf.TEACHER_VERSION, "added_tags": [t["text"] for t in audit["added_tokens"]]})
 
 
@@ -69,7 +56,7 @@ def stage_student(ctx: StageContext) -> None:
     from kdtrain.student.model import StudentConfig, StudentLM
     from kdtrain.tokenizers.migration import AddedTag
 
-    audit = json.loads(folder.path("migration.audit").read_text(encoding="utf-8"))
+    audit = json.loads(folder.path(MIGRATION_AUDIT).read_text(encoding="utf-8"))
     tags = [AddedTag(t["text"], t["id"], t["teacher_ids"]) for t in audit["added_tokens"]]
     teacher = gguf.load_model()
     student, record = init_student(teacher, tags, DEFAULT_LAYERS, teacher_name=gguf.TEACHER_VERSION)
@@ -77,11 +64,11 @@ def stage_student(ctx: StageContext) -> None:
     model = StudentLM(StudentConfig.from_hf(hf_config))
     model.load_state_dict(student.state_dict(), strict=False)
     model.init_halt_head()
-    with atomic.directory(folder.root / "student/checkpoint") as tmp:
+    with atomic.directory(folder.root / STUDENT_CHECKPOINT.path) as tmp:
         model.save_pretrained(tmp, hf_config)
-    folder.record("student.checkpoint", "student/checkpoint", "checkpoint/transformers", "student")
-    atomic.write_json(folder.root / "student/init.json", record.to_json())
-    folder.record("student.init", "student/init.json", "log/student-init", "student")
+    folder.record(STUDENT_CHECKPOINT)
+    atomic.write_json(folder.root / STUDENT_INIT.path, record.to_json())
+    folder.record(STUDENT_INIT)
     folder.record_stage("student", {"teacher_layers": record.teacher_layers, "parameters": record.parameters})
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from kdtrain.artifacts import DISTILLED
+from kdtrain.artifact_table import STUDENT_DISTILLED, coreml_package
 from kdtrain.errors import ArtifactError
 from pytest_kdcontracts.session import REPORT_PROPERTY, KDSession
 
@@ -91,9 +91,7 @@ class CoreMLPackages:
         self._artifacts, self._io, self._mil, self._sessions = artifacts, {}, {}, {}
 
     def package(self, length: int, precision: str = "fp16"):
-        from kdtrain.coreml.stage import mlpackage_artifact
-
-        return self._artifacts.path(mlpackage_artifact(length, precision))
+        return self._artifacts.path(coreml_package(length, precision))
 
     def io(self, length: int, precision: str = "fp16"):
         from kdtrain.coreml.inspect import functions_io
@@ -164,11 +162,11 @@ class Runtime:
         """What made the exported student: (the inputs that define it, the files whose bytes
         vary with the CPU). A distilled student is named by the distill stage's record; the
         initial one, built deterministically, by its checkpoint's hash."""
-        name = self._artifacts.exported_student()
-        if name == DISTILLED:
-            settings = self._artifacts.manifest.stages["distill"].settings
-            return {"student": name, **settings["identity"]}, settings.get("numerics", {})
-        return {"student": name, name: "sha256:" + self._artifacts.entry(name).sha256}, {}
+        student = self._artifacts.exported_student()
+        if student == STUDENT_DISTILLED:
+            settings = self._artifacts.manifest.stages[STUDENT_DISTILLED.stage].settings
+            return {"student": student.name, **settings["identity"]}, settings.get("numerics", {})
+        return {"student": student.name, student.name: "sha256:" + self._artifacts.entry(student).sha256}, {}
 
     @property
     def student(self):

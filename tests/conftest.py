@@ -156,19 +156,20 @@ class Workspace:
     def stage_context(self):
         """kdtrain's view of this workspace: its artifacts folder and its contracts."""
         from kdtrain.artifacts import ArtifactsFolder
-        from kdtrain.pipeline import StageContext
+        from kdtrain.stage import StageContext
 
         return StageContext(ArtifactsFolder.open(self.artifacts), self.contracts)
 
     def reconvert(self, checkpoint: Path, length: int, islands=None) -> None:
         """Re-export and convert one length into this workspace (after patching kdtrain)."""
+        from kdtrain.artifact_table import coreml_package
         from kdtrain.coreml.stage import convert_length
         from kdtrain.student.model import StudentLM
 
         ctx = self.stage_context()
         islands = ctx.contract("precision_islands.yaml").islands if islands is None else islands
         convert_length(StudentLM.from_pretrained(checkpoint), length, ctx.contract("coreml_contract.json"),
-                       ctx.contract("export_lint.yaml").rules, islands, self.artifacts / f"coreml/fp16/student-L{length}.mlpackage")
+                       ctx.contract("export_lint.yaml").rules, islands, self.artifacts / coreml_package(length).path)
 
     def run(self, *args: str) -> pytest.RunResult:
         return self.pytester.runpytest_inprocess("--kd-contracts", str(self.contracts), "-p", "no:cacheprovider", *args)

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from kdcontracts.families import family_for
+from kdtrain.artifact_table import DATA_CORPUS, TEACHER_CACHE
 from kdtrain.artifacts import ArtifactsFolder
 from kdtrain.data.calls import CODE_TOOL
 from kdtrain.data.chat import IGNORE_INDEX, render_chat
@@ -26,7 +27,7 @@ from kdtrain.losses.code_mode import first_token
 from kdtrain.losses.tool import call_spans
 from kdtrain.teacher.base import TeacherResponse
 from kdtrain.teacher.cache import TeacherCache
-from kdtrain.teacher.stage import CACHE, filled_settings, teacher_requests
+from kdtrain.teacher.stage import filled_settings, teacher_requests
 from kdtrain.tokenizers.load import Tokenizer, load_tokenizer
 
 ASSISTANT_TAGS = ("<think>", "</think>", "<tool_call>", "</tool_call>")
@@ -93,10 +94,10 @@ def reference(reference_artifacts) -> Reference:
     folder = ArtifactsFolder.open(reference_artifacts)
     settings = filled_settings(folder)
     requests, teacher = teacher_requests(folder, settings)
-    targets = TeacherTargets(requests, TeacherCache(reference_artifacts / CACHE), settings.accept)
+    targets = TeacherTargets(requests, TeacherCache(reference_artifacts / TEACHER_CACHE.path), settings.accept)
     examples = list(targets)
     assert examples and not targets.missing
-    by_id = {s.id: s for s in Corpus.load(reference_artifacts / "data/corpus").samples}
+    by_id = {s.id: s for s in Corpus.load(reference_artifacts / DATA_CORPUS.path).samples}
     samples = [by_id[e.request.sample_id] for e in examples]
     student = load_tokenizer(folder, "student")
     batch = collate_distill(examples, student, [s.meta.eligible.code_mode for s in samples])

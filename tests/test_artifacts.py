@@ -7,6 +7,7 @@ import json
 import pytest
 
 from kdtrain import atomic
+from kdtrain.artifact_table import FIXED, Artifact, coreml_package, export_graph, export_lint
 from kdtrain.artifacts import ArtifactsFolder
 from kdtrain.errors import ArtifactError
 
@@ -32,10 +33,12 @@ def test_atomic_write_replaces_whole_file(tmp_path):
 def test_record_and_resolve_by_name(tmp_path):
     folder = ArtifactsFolder.create(tmp_path)
     atomic.write_text(tmp_path / "x/y.txt", "hi")
-    folder.record("thing.y", "x/y.txt", "text", "demo")
+    thing = Artifact("thing.y", "x/y.txt", "text", "demo")
+    folder.record(thing)
     again = ArtifactsFolder.open(tmp_path)
-    assert again.path("thing.y") == tmp_path / "x/y.txt"
-    assert again.entry("thing.y").sha256 == "8f434346648f6b96df89dda901c5176b10a6d83961dd3c1ac88b59b2dc327aa4"
+    assert again.path(thing) == again.path("thing.y") == tmp_path / "x/y.txt"
+    assert (again.entry(thing).kind, again.entry(thing).stage) == ("text", "demo")
+    assert again.entry(thing).sha256 == "8f434346648f6b96df89dda901c5176b10a6d83961dd3c1ac88b59b2dc327aa4"
     with pytest.raises(ArtifactError, match=r"at artifacts.nope: expected an artifact named 'nope', found only: thing.y"):
         again.path("nope")
 
@@ -57,7 +60,18 @@ def test_bad_manifest_is_a_located_error(tmp_path, entry, message):
 def test_missing_file_behind_a_manifest_entry(tmp_path):
     folder = ArtifactsFolder.create(tmp_path)
     atomic.write_text(tmp_path / "f", "x")
-    folder.record("f", "f", "k", "s")
+    folder.record(Artifact("f", "f", "k", "s"))
     (tmp_path / "f").unlink()
     with pytest.raises(ArtifactError, match="at artifacts.f.path: expected f to exist, found nothing there"):
         folder.path("f")
+
+
+def test_the_table_names_and_places_each_artifact_once():
+    lengths = (64, 4096)
+    families = [export_graph(f, n) for f in ("prefill", "decode") for n in lengths]
+    families += [export_lint(f, n) for f in ("prefill", "decode") for n in lengths]
+    families += [coreml_package(n, p) for p in ("fp16", "int8") for n in lengths]
+    table = [*FIXED, *families]
+    assert len({a.name for a in table}) == len({a.path for a in table}) == len(table)
+    assert {coreml_package(64, p).stage for p in ("fp16", "int8")} == {"convert", "quantize"}
+    assert export_graph("decode", 64).path == "export/decode-64/graph.json"

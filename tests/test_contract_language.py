@@ -38,7 +38,7 @@ def test_the_trainer_reads_every_contract_without_the_plugin():
     code = "\n".join([
         "from pathlib import Path",
         "from kdtrain.data.registry import load_registry",
-        "from kdtrain.pipeline import StageContext",
+        "from kdtrain.stage import StageContext",
         "ctx = StageContext(None, Path('contracts'))",
         f"for name in {[f.file_name for f in FAMILIES]!r}:",
         "    ctx.contract(name)",

@@ -7,7 +7,9 @@ import json
 
 import pytest
 
-PACKAGE = "coreml/fp16/student-L64.mlpackage"
+from kdtrain.artifact_table import STUDENT_DISTILLED, coreml_package, export_graph
+
+PACKAGE = coreml_package(64).path
 SPEC = f"{PACKAGE}/Data/com.apple.CoreML/model.mlmodel"
 
 
@@ -56,7 +58,7 @@ def test_wrong_dtype_fails_io(workspace):
 def test_op_dropped_from_the_converter_islands_fails_islands(workspace, reference_artifacts):
     """Convert with softmax missing from the islands the converter used; the contract still lists it."""
     islands = workspace.stage_context().contract("precision_islands.yaml").islands
-    workspace.reconvert(reference_artifacts / "student/distilled", 64, tuple(i for i in islands if "softmax" not in i.op_types))
+    workspace.reconvert(reference_artifacts / STUDENT_DISTILLED.path, 64, tuple(i for i in islands if "softmax" not in i.op_types))
     result = workspace.run("-k", "islands")
     assert workspace.failed(result) == {"islands[prefill-64]", "islands[decode-64]"}
     result.stdout.fnmatch_lines([
@@ -87,9 +89,9 @@ def test_int64_into_the_mask_fails_lint_of_that_graph(workspace, reference_artif
 
     from kdtrain.export.programs import example_inputs
 
-    student = StudentLM.from_pretrained(reference_artifacts / "student/distilled")
+    student = StudentLM.from_pretrained(reference_artifacts / STUDENT_DISTILLED.path)
     program = torch.export.export(Int64MaskPrefill(student, 64).eval(), example_inputs("prefill", 64)).run_decompositions({})
-    workspace.write("export/prefill-64/graph.json", json.dumps(summarize_program(program, "prefill", 64).to_json()))
+    workspace.write(export_graph("prefill", 64).path, json.dumps(summarize_program(program, "prefill", 64).to_json()))
     result = workspace.run("-k", "lint")
     assert workspace.failed(result) == {"lint[prefill-64]"}
     result.stdout.fnmatch_lines([
@@ -116,7 +118,7 @@ def test_the_full_135m_teacher_converts_at_512(tmp_path, test_contracts):
 
     from kdtrain.coreml.inspect import functions_io
     from kdtrain.coreml.stage import convert_length
-    from kdtrain.pipeline import StageContext
+    from kdtrain.stage import StageContext
     from kdtrain.artifacts import ArtifactsFolder
     from kdtrain.student.model import StudentConfig, StudentLM
     from kdtrain.teacher import gguf

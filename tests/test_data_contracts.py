@@ -11,9 +11,10 @@ import sqlite3
 import numpy as np
 
 from conftest import tamper_cache
+from kdtrain.artifact_table import DATA_CORPUS, TEACHER_CACHE
 from kdtrain.teacher.cache import CACHE_FILE, TeacherCache, TeacherId
 
-CACHE = f"teacher/cache/{CACHE_FILE}"
+CACHE = f"{TEACHER_CACHE.path}/{CACHE_FILE}"
 
 
 def _rewrite_cache(workspace, change) -> list:
@@ -24,7 +25,7 @@ def _rewrite_cache(workspace, change) -> list:
     folder = workspace.stage_context().folder
     requests, _ = teacher_requests(folder, filled_settings(folder))
     by_id = {r.sample_id: r for r in requests}
-    with TeacherCache(workspace.artifacts / "teacher/cache") as cache:
+    with TeacherCache(workspace.artifacts / TEACHER_CACHE.path) as cache:
         entries = list(cache)
     with TeacherCache(workspace.pytester.path / "rebuilt") as rebuilt:
         rebuilt.append_many(change(i, by_id[e.sample_id], e.teacher, e.response) for i, e in enumerate(entries))
@@ -79,10 +80,10 @@ def test_a_sample_edited_after_its_targets_were_cached_has_none(workspace):
     from kdcontracts.models.tokens import Message
     from kdtrain.data.corpus import Corpus
 
-    corpus = Corpus.load(workspace.artifacts / "data/corpus")
+    corpus = Corpus.load(workspace.artifacts / DATA_CORPUS.path)
     sample = corpus.samples[0]
     edited = sample.model_copy(update={"messages": sample.messages[:-1] + (Message("assistant", "Edited answer."),)})
-    corpus.replace(samples=(edited, *corpus.samples[1:])).save(workspace.artifacts / "data/corpus")
+    corpus.replace(samples=(edited, *corpus.samples[1:])).save(workspace.artifacts / DATA_CORPUS.path)
     result = workspace.run("-k", "teacher_targets")
     assert workspace.failed(result) == {"teacher_targets[coverage]"}
     result.stdout.fnmatch_lines([f"*{sample.id}: prompt changed since it was cached (prompt SHA-256 differs)"])

@@ -11,7 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-PACKAGE = "coreml/fp16/student-L64.mlpackage"
+from kdtrain.artifact_table import STUDENT_DISTILLED, coreml_package
+
+PACKAGE = coreml_package(64).path
 
 
 @pytest.fixture
@@ -39,7 +41,7 @@ def test_fp16_mask_from_float32_min_gives_nan_and_fails(golden_workspace, refere
 
     with monkeypatch.context() as patch:  # not monkeypatch.undo(): pytester's chdir is on it too
         patch.setattr(programs, "MASK_MIN", float(torch.finfo(torch.float32).min))
-        golden_workspace.reconvert(reference_artifacts / "student/distilled", 64)
+        golden_workspace.reconvert(reference_artifacts / STUDENT_DISTILLED.path, 64)
     result = golden_workspace.run("-m", "golden", "-k", "64")
     assert golden_workspace.failed(result) == {"golden[prefill-64]", "golden[decode-64]", "prefill_decode[64]"}
     result.stdout.fnmatch_lines([
@@ -58,7 +60,7 @@ def test_off_by_one_kv_index_fails_prefill_decode(golden_workspace, reference_ar
 
     with monkeypatch.context() as patch:
         patch.setitem(programs.PROGRAMS, "decode", OffByOne)
-        golden_workspace.reconvert(reference_artifacts / "student/distilled", 64)
+        golden_workspace.reconvert(reference_artifacts / STUDENT_DISTILLED.path, 64)
     result = golden_workspace.run("-m", "golden", "-k", "64")
     assert "prefill_decode[64]" in golden_workspace.failed(result)
     assert "golden[prefill-64]" not in golden_workspace.failed(result)

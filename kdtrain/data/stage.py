@@ -9,12 +9,11 @@ from __future__ import annotations
 
 from kdcontracts.models.distill_data import CorpusSettings
 from kdtrain import atomic
+from kdtrain.artifact_table import DATA_CORPUS, DATA_RAW, DATA_VALIDATION_REPORT
 from kdtrain.data.corpus import build_reference_corpus
 from kdtrain.data.noise import plant_noise
 from kdtrain.data.validate import validate_corpus
-from kdtrain.pipeline import StageContext
-
-RAW, CORPUS, REPORT = "data/raw", "data/corpus", "data/validation_report.json"
+from kdtrain.stage import StageContext
 
 
 def stage_data(ctx: StageContext, settings: CorpusSettings | None = None) -> None:
@@ -25,13 +24,12 @@ def stage_data(ctx: StageContext, settings: CorpusSettings | None = None) -> Non
     raw = build_reference_corpus(registry, settings.samples_per_scenario, settings.seed)
     if settings.noise:
         raw = plant_noise(raw, registry, settings.noise, settings.seed)
-    raw.save(folder.root / RAW)
+    raw.save(folder.root / DATA_RAW.path)
     corpus, report = validate_corpus(raw, registry, settings.on_invalid)
-    corpus.save(folder.root / CORPUS)
-    atomic.write_json(folder.root / REPORT, report.to_json())
-    folder.record("data.raw", RAW, "corpus/jsonl", "data")
-    folder.record("data.corpus", CORPUS, "corpus/jsonl", "data")
-    folder.record("data.validation_report", REPORT, "report/data-validation", "data")
+    corpus.save(folder.root / DATA_CORPUS.path)
+    atomic.write_json(folder.root / DATA_VALIDATION_REPORT.path, report.to_json())
+    for artifact in (DATA_RAW, DATA_CORPUS, DATA_VALIDATION_REPORT):
+        folder.record(artifact)
     folder.record_stage("data", {"samples_per_scenario": settings.samples_per_scenario, "seed": settings.seed, "noise": settings.noise,
                                  "on_invalid": settings.on_invalid, "tool_schema_version": registry.tool_schema_version,
                                  "orchestrator_version": registry.orchestrator_version, "samples": report.total,

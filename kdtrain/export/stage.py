@@ -11,15 +11,13 @@ import torch
 from tqdm import tqdm
 
 from kdtrain import atomic
+from kdtrain.artifact_table import export_graph, export_lint
 from kdtrain.export.graph import summarize_program
 from kdtrain.export.lint import lint
 from kdtrain.export.programs import PROGRAMS, example_inputs
+from kdtrain.stage import StageContext
 
 FUNCTIONS = ("prefill", "decode")
-
-
-def graph_artifact(function: str, length: int) -> str:
-    return f"export.graph.{function}.{length}"
 
 
 def export_program(student, function: str, length: int) -> torch.export.ExportedProgram:
@@ -29,7 +27,7 @@ def export_program(student, function: str, length: int) -> torch.export.Exported
         return torch.export.export(module, example_inputs(function, length)).run_decompositions({})
 
 
-def stage_export(ctx) -> None:
+def stage_export(ctx: StageContext) -> None:
     from kdtrain.student.model import StudentLM
 
     student = StudentLM.from_pretrained(ctx.folder.path(ctx.folder.exported_student()))
@@ -40,10 +38,11 @@ def stage_export(ctx) -> None:
             bar.set_postfix_str(f"{function}-{length}")
             summary = summarize_program(export_program(student, function, length), function, length)
             findings = lint(summary, rules)
-            rel = f"export/{function}-{length}"
-            atomic.write_json(ctx.folder.root / rel / "graph.json", summary.to_json())
-            atomic.write_json(ctx.folder.root / rel / "lint.json", [f.__dict__ for f in findings])
-            ctx.folder.record(graph_artifact(function, length), f"{rel}/graph.json", "export/graph-summary", "export")
+            graph, linted = export_graph(function, length), export_lint(function, length)
+            atomic.write_json(ctx.folder.root / graph.path, summary.to_json())
+            atomic.write_json(ctx.folder.root / linted.path, [f.__dict__ for f in findings])
+            ctx.folder.record(graph)
+            ctx.folder.record(linted)
             dirty += [f"{function}-{length}: {f}" for f in findings]
     for line in dirty:
         print(f"lint: {line}")

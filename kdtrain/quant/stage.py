@@ -12,11 +12,13 @@ from tqdm import tqdm
 
 from kdcontracts.models.quant import Recipe
 from kdtrain import atomic
-from kdtrain.coreml.stage import mlpackage_artifact
+from kdtrain.artifact_table import (QUANT_AB, QUANT_ACTIVATION_PLOT, QUANT_ACTIVATION_STATS, QUANT_CALIBRATION,
+                                    QUANT_SIZE_ACCURACY_PLOT, coreml_package)
 from kdtrain.quant.ab import measure_ab, package_size
 from kdtrain.quant.calibration import activation_stats, build_calibration_set
 from kdtrain.quant.quantize import quantize_package
 from kdtrain.quant.recipe import checkpoint_modules
+from kdtrain.stage import StageContext
 
 
 def ab_prompts(calibration: list[dict]) -> list[list[int]]:
@@ -50,7 +52,7 @@ def _plots(folder, stats: dict, results: list) -> None:
     ax.set_ylabel("p99.9 |activation|")
     ax.set_title("Activation range per module on the calibration set")
     fig.tight_layout()
-    fig.savefig(folder.root / "quant/activation_stats.png", dpi=120)
+    fig.savefig(folder.root / QUANT_ACTIVATION_PLOT.path, dpi=120)
     plt.close(fig)
     fig, ax = plt.subplots(figsize=(5, 4))
     for r in results:
@@ -61,11 +63,13 @@ def _plots(folder, stats: dict, results: list) -> None:
     ax.set_title("INT8 vs FP16: size / accuracy")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(folder.root / "quant/size_accuracy.png", dpi=120)
+    fig.savefig(folder.root / QUANT_SIZE_ACCURACY_PLOT.path, dpi=120)
     plt.close(fig)
+    folder.record(QUANT_ACTIVATION_PLOT)
+    folder.record(QUANT_SIZE_ACCURACY_PLOT)
 
 
-def stage_quantize(ctx) -> None:
+def stage_quantize(ctx: StageContext) -> None:
     from kdtrain.runtime.backend import open_package
     from kdtrain.student.model import StudentLM
     from kdtrain.tokenizers.load import load_tokenizer
@@ -76,27 +80,27 @@ def stage_quantize(ctx) -> None:
     settings = recipe.resolve(student_modules(folder))
     tokenizer = load_tokenizer(folder, "student")
     calibration = build_calibration_set(recipe.calibration["samples"], recipe.calibration["seed"], tokenizer, max(coreml.lengths))
-    atomic.write_json(folder.root / "quant/calibration.json", {
+    atomic.write_json(folder.root / QUANT_CALIBRATION.path, {
         "composition": recipe.calibration["samples"], "seed": recipe.calibration["seed"],
         "tokens": {s["kind"]: len(s["ids"]) for s in calibration}, "samples": calibration,
     })
-    folder.record("quant.calibration", "quant/calibration.json", "quant/calibration-set", "quantize")
+    folder.record(QUANT_CALIBRATION)
     student = StudentLM.from_pretrained(folder.path(folder.exported_student()))
     stats = activation_stats(student, calibration)
-    atomic.write_json(folder.root / "quant/activation_stats.json", stats)
-    folder.record("quant.activation_stats", "quant/activation_stats.json", "quant/activation-stats", "quantize")
+    atomic.write_json(folder.root / QUANT_ACTIVATION_STATS.path, stats)
+    folder.record(QUANT_ACTIVATION_STATS)
     pad_id = tokenizer.transformers.pad_token_id
     results = []
     for length in tqdm(coreml.lengths, desc="quantize", unit="length"):
-        fp16 = folder.path(mlpackage_artifact(length))
-        rel = f"coreml/int8/student-L{length}.mlpackage"
-        quantize_package(fp16, folder.root / rel, settings)
-        folder.record(mlpackage_artifact(length, "int8"), rel, "coreml/mlpackage-multifunction", "quantize")
+        fp16, int8 = folder.path(coreml_package(length)), coreml_package(length, "int8")
+        quantize_package(fp16, folder.root / int8.path, settings)
+        folder.record(int8)
+        int8_path = folder.path(int8)
         prompts = ab_prompts(calibration)
-        results.append(measure_ab(open_package(fp16), open_package(folder.root / rel), prompts, recipe.ab["decode_steps"],
-                                  length, pad_id, (package_size(fp16), package_size(folder.root / rel))))
+        results.append(measure_ab(open_package(fp16), open_package(int8_path), prompts, recipe.ab["decode_steps"],
+                                  length, pad_id, (package_size(fp16), package_size(int8_path))))
         print(f"quantize: {results[-1].summary()}")
-    atomic.write_json(folder.root / "quant/ab.json", [r.to_json() for r in results])
-    folder.record("quant.ab", "quant/ab.json", "quant/ab-report", "quantize")
+    atomic.write_json(folder.root / QUANT_AB.path, [r.to_json() for r in results])
+    folder.record(QUANT_AB)
     _plots(folder, stats, results)
     folder.record_stage("quantize", {"settings": {m: str(s) for m, s in settings.items()}})

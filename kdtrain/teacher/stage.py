@@ -18,17 +18,15 @@ import json
 from dataclasses import asdict
 
 from kdtrain import atomic
+from kdtrain.artifact_table import DATA_CORPUS, TEACHER_BUDGET, TEACHER_CACHE, TEACHER_REPORT
 from kdtrain.data.targets import TeacherTargets
 from kdtrain.errors import ArtifactError, ConfigError, located
-from kdtrain.pipeline import StageContext
+from kdtrain.stage import StageContext
 from kdtrain.teacher.budget import Budget, BudgetLimits
 from kdtrain.teacher.cache import TeacherCache
 from kdtrain.teacher.fill import TeacherSettings, build_request, fill_cache
 from kdtrain.tokenizers.load import load_tokenizer
 
-CACHE = "teacher/cache"
-REPORT = "teacher/report.json"
-BUDGET = "teacher/budget.json"
 SETTINGS = ("name", "version", "mode", "top_k", "max_new_tokens")
 
 
@@ -51,13 +49,13 @@ def teacher_requests(folder, settings: TeacherSettings):
     from kdtrain.data.corpus import Corpus
 
     tokenizer = load_tokenizer(folder, "teacher")
-    corpus = Corpus.load(folder.path("data.corpus"))
+    corpus = Corpus.load(folder.path(DATA_CORPUS))
     return [build_request(s.id, s.messages, tokenizer, settings) for s in corpus.samples], tokenizer
 
 
 def filled_settings(folder) -> TeacherSettings:
     """The settings the cache was last filled with, as the teacher report records them."""
-    path = folder.path("teacher.report")
+    path = folder.path(TEACHER_REPORT)
     recorded = json.loads(path.read_text(encoding="utf-8")).get("teacher", {})
     if not all(key in recorded for key in SETTINGS):
         raise ArtifactError(located(path, "teacher", f"the keys {', '.join(SETTINGS)} (written by the teacher stage)", sorted(recorded)))
@@ -81,7 +79,7 @@ def _api_teacher(config, folder):
 
     t, endpoint = config.teacher, config.teacher.openai
     limits = BudgetLimits(config.budgets.teacher_calls, config.budgets.teacher_tokens)
-    spent = folder.root / BUDGET
+    spent = folder.root / TEACHER_BUDGET.path
     budget = Budget.from_state(json.loads(spent.read_text(encoding="utf-8")), limits) if spent.exists() else Budget(limits)
     return OpenAIChatTeacher(endpoint.base_url, endpoint.model, t.version, api_key_env=endpoint.api_key_env, budget=budget,
                              timeout_s=endpoint.timeout_s, name=t.name)
@@ -96,12 +94,12 @@ def stage_teacher(ctx: StageContext) -> None:
     requests, tokenizer = teacher_requests(folder, settings)
     api = config.teacher.backend == "openai"
     teacher = _api_teacher(config, folder) if api else _local_teacher(config, tokenizer)
-    with TeacherCache(folder.root / CACHE) as cache:  # closed before it is hashed: one file, no write-ahead log
+    with TeacherCache(folder.root / TEACHER_CACHE.path) as cache:  # closed before it is hashed: one file, no write-ahead log
         try:
             fill = fill_cache(cache, teacher, requests, settings.accept)
         finally:
             if api:  # spent money stays spent, even when the pass fails
-                atomic.write_json(folder.root / BUDGET, teacher.budget.state_dict())
+                atomic.write_json(folder.root / TEACHER_BUDGET.path, teacher.budget.state_dict())
         targets = TeacherTargets(requests, cache, settings.accept)
         usable = sum(1 for _ in targets)
         recorded = {"backend": config.teacher.backend, **asdict(settings)}
@@ -115,10 +113,10 @@ def stage_teacher(ctx: StageContext) -> None:
         }
     if api:
         report["budget"] = teacher.budget.state_dict()
-    atomic.write_json(folder.root / REPORT, report)
-    folder.record("teacher.cache", CACHE, "cache/teacher-logits", "teacher")
-    folder.record("teacher.report", REPORT, "report/teacher-fill", "teacher")
+    atomic.write_json(folder.root / TEACHER_REPORT.path, report)
+    folder.record(TEACHER_CACHE)
+    folder.record(TEACHER_REPORT)
     if api:
-        folder.record("teacher.budget", BUDGET, "state/teacher-budget", "teacher")
+        folder.record(TEACHER_BUDGET)
     folder.record_stage("teacher", {"backend": config.teacher.backend, "teacher": settings.version, "mode": settings.mode,
                                     "top_k": settings.top_k, "fetched": fill.fetched, "retry_later": len(fill.retry_later)})

@@ -12,6 +12,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Literal
 
+from kdtrain.artifact_table import TOKENIZER_RUNTIME, TOKENIZER_STUDENT, TOKENIZER_TEACHER
 from kdtrain.errors import ArtifactError
 from kdtrain.tokenizers.fingerprint import TOKENIZER_JSON, tokenizer_fingerprint, vocab_sha256
 
@@ -88,9 +89,9 @@ class Tokenizer:
 
 # artifact name -> (tokenizer name, kind); the plugin resolves names through this map.
 TOKENIZER_ARTIFACTS: dict[str, tuple[str, Kind]] = {
-    "teacher": ("tokenizer.teacher", "transformers"),
-    "student": ("tokenizer.student", "transformers"),
-    "runtime": ("tokenizer.runtime", "runtime"),
+    "teacher": (TOKENIZER_TEACHER.name, "transformers"),
+    "student": (TOKENIZER_STUDENT.name, "transformers"),
+    "runtime": (TOKENIZER_RUNTIME.name, "runtime"),
 }
 
 

@@ -25,6 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError,
 from pydantic_core import PydanticCustomError
 
 from kdcontracts.loader import UniqueKeyLoader
+from kdtrain.artifact_table import STUDENT_CHECKPOINT
 from kdtrain.errors import ConfigError, located
 from kdtrain.teacher.fill import TeacherSettings
 
@@ -132,7 +133,7 @@ class Teacher(_Section):
 
 
 class Student(_Section):
-    artifact: str = Field("student.checkpoint", min_length=1)  # the initial checkpoint, by artifact name
+    artifact: str = Field(STUDENT_CHECKPOINT.name, min_length=1)  # the initial checkpoint, by artifact name
 
 
 class Optim(_Section):

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from kdcontracts.models.tool_registry import compatible
+from kdtrain.artifact_table import DATA_CORPUS, TEACHER_CACHE
 from kdtrain.artifacts import ArtifactsFolder
 from kdtrain.data.corpus import Corpus
 from kdtrain.data.targets import DistillExample, TeacherTargets
@@ -117,7 +118,7 @@ def load_training_data(config: DistillConfig, artifacts: Path | str | None = Non
                                   "targets on the corpus's own answers (generate-mode targets fill a cache, not a run yet)",
                                   repr(config.teacher.mode)))
     folder = ArtifactsFolder.open(artifacts or config.data.artifacts)
-    corpus_dir = folder.path("data.corpus")
+    corpus_dir = folder.path(DATA_CORPUS)
     corpus = Corpus.load(corpus_dir)
     check_schema_version(corpus, corpus_dir / "corpus.json", config.data.tool_schema_version)
     teacher_tokenizer = load_tokenizer(folder, "teacher")
@@ -125,7 +126,7 @@ def load_training_data(config: DistillConfig, artifacts: Path | str | None = Non
     settings = config.teacher.settings()
     samples = {s.id: s for s in corpus.samples}
     requests = [build_request(s.id, s.messages, teacher_tokenizer, settings) for s in corpus.samples]
-    cache = TeacherCache(folder.path("teacher.cache"))
+    cache = TeacherCache(folder.path(TEACHER_CACHE))
     targets = TeacherTargets(requests, cache, settings.accept)
     verified = list(targets)
     check_cache_teacher(config, cache, set(targets.missing))
@@ -136,7 +137,7 @@ def load_training_data(config: DistillConfig, artifacts: Path | str | None = Non
     if config.data.slice is not None:
         examples = examples[: config.data.slice]
     if not examples:
-        raise DataError(located(folder.path("teacher.cache"), None, "samples with verified teacher targets",
+        raise DataError(located(folder.path(TEACHER_CACHE), None, "samples with verified teacher targets",
                                 f"none of {len(requests)} ({dict(targets.reasons)}; {too_long} too long)"))
     eligible = tuple(samples[e.request.sample_id].meta.eligible.code_mode for e in examples)
     return TrainingData(tuple(examples), eligible, student_tokenizer, targets.missing_ratio, too_long)

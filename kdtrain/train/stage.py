@@ -18,28 +18,26 @@ from __future__ import annotations
 import json
 
 from kdtrain import atomic
-from kdtrain.artifacts import DISTILLED, INITIAL
-from kdtrain.pipeline import StageContext
+from kdtrain.artifact_table import (ABLATIONS_PLOT, ABLATIONS_RESULTS, ABLATIONS_RUNS, DATA_CORPUS, DISTILL_REPORT, DISTILL_RUN,
+                                    STUDENT_CHECKPOINT, STUDENT_DISTILLED, TEACHER_CACHE)
+from kdtrain.stage import StageContext
 from kdtrain.train.config import load_config
 from kdtrain.train.loop import PLOT, Distiller
-
-RUN, REPORT, STUDENT = "distill/run", "distill/report.json", "student/distilled"
-ABLATION_RUNS, ABLATION_RESULTS, ABLATION_PLOT = "ablations/runs", "ablations/results.json", "ablations/metrics.png"
 
 
 def stage_distill(ctx: StageContext) -> None:
     folder = ctx.folder
     config = load_config(ctx.distill_config)
-    initial = f"{INITIAL} sha256:{folder.entry(INITIAL).sha256}"
-    with atomic.directory(folder.root / RUN) as run:
+    initial = f"{STUDENT_CHECKPOINT.name} sha256:{folder.entry(STUDENT_CHECKPOINT).sha256}"
+    with atomic.directory(folder.root / DISTILL_RUN.path) as run:
         distiller = Distiller(config, run, artifacts=folder.root)
         distiller.setup()
         result = distiller.train()
         distiller.cleanup()
         records = distiller.records()
-    hf_config = json.loads((folder.path(INITIAL) / "config.json").read_text(encoding="utf-8"))
+    hf_config = json.loads((folder.path(STUDENT_CHECKPOINT) / "config.json").read_text(encoding="utf-8"))
     hf_config = {k: v for k, v in hf_config.items() if not k.startswith("kd_")}
-    with atomic.directory(folder.root / STUDENT) as tmp:
+    with atomic.directory(folder.root / STUDENT_DISTILLED.path) as tmp:
         distiller.trainee.student.save_pretrained(tmp, hf_config)
     last = records[-1] if records else {}
     report = {
@@ -48,20 +46,18 @@ def stage_distill(ctx: StageContext) -> None:
         "missing_teacher_ratio": distiller.data.missing_ratio, "too_long": distiller.data.too_long,
         "code_mode_eligible_fraction": distiller.data.eligible_fraction,
         "final": {"loss": last.get("loss"), "terms": last.get("terms")},
-        "alerts": [str(a) for a in result.alerts], "plot": f"{RUN}/{PLOT}",
+        "alerts": [str(a) for a in result.alerts], "plot": f"{DISTILL_RUN.path}/{PLOT}",
     }
-    atomic.write_json(folder.root / REPORT, report)
-    folder.record("distill.run", RUN, "run/distill", "distill")
-    folder.record("distill.report", REPORT, "report/distill", "distill")
-    folder.record(DISTILLED, STUDENT, "checkpoint/transformers", "distill")
+    atomic.write_json(folder.root / DISTILL_REPORT.path, report)
+    for artifact in (DISTILL_RUN, DISTILL_REPORT, STUDENT_DISTILLED):
+        folder.record(artifact)
     # What made the distilled student, split in two: the inputs that define it, and the files
     # whose bytes vary with the CPU's float summation order (the teacher cache's FP16 log-probs,
     # the trained weights). Golden snapshots record both and are judged by their values alone.
     teacher = folder.manifest.stages["teacher"].settings
-    identity = {"initial": initial, "config": config.fingerprint(), "data.corpus": f"sha256:{folder.entry('data.corpus').sha256}",
+    identity = {"initial": initial, "config": config.fingerprint(), DATA_CORPUS.name: f"sha256:{folder.entry(DATA_CORPUS).sha256}",
                 "teacher": f"{teacher['teacher']} {teacher['mode']} top-{teacher['top_k']}", "steps": result.step}
-    numerics = {"teacher.cache": f"sha256:{folder.entry('teacher.cache').sha256}",
-                DISTILLED: f"sha256:{folder.entry(DISTILLED).sha256}"}
+    numerics = {artifact.name: f"sha256:{folder.entry(artifact).sha256}" for artifact in (TEACHER_CACHE, STUDENT_DISTILLED)}
     folder.record_stage("distill", {"config": str(ctx.distill_config), "fingerprint": config.fingerprint(), "student": initial,
                                     "steps": result.step, "alerts": len(result.alerts), "identity": identity, "numerics": numerics})
 
@@ -73,12 +69,11 @@ def stage_ablations(ctx: StageContext) -> None:
     folder = ctx.folder
     protocol = ctx.contract("ablations.yaml").protocol
     base = load_config(ctx.distill_config)
-    with atomic.directory(folder.root / ABLATION_RUNS) as runs:
+    with atomic.directory(folder.root / ABLATIONS_RUNS.path) as runs:
         results = run_ablations(base, folder.root, runs, protocol)
-    atomic.write_json(folder.root / ABLATION_RESULTS, results)
-    plot_ablations(results, folder.root / ABLATION_PLOT)
-    folder.record("ablations.runs", ABLATION_RUNS, "run/ablations", "ablations")
-    folder.record("ablations.results", ABLATION_RESULTS, "report/ablations", "ablations")
-    folder.record("ablations.plot", ABLATION_PLOT, "plot/ablations", "ablations")
+    atomic.write_json(folder.root / ABLATIONS_RESULTS.path, results)
+    plot_ablations(results, folder.root / ABLATIONS_PLOT.path)
+    for artifact in (ABLATIONS_RUNS, ABLATIONS_RESULTS, ABLATIONS_PLOT):
+        folder.record(artifact)
     folder.record_stage("ablations", {"config": str(ctx.distill_config), "protocol": results["protocol"],
                                       "experiments": list(results["experiments"])})

@@ -13,19 +13,20 @@ from functools import partial
 from typing import Iterator
 
 from kdcontracts.models.ablations import AblationsContract
+from kdtrain.artifact_table import ABLATIONS_RESULTS
 from kdtrain.train.ablations import EXPERIMENTS
 from pytest_kdcontracts.check import Check, fail
 from pytest_kdcontracts.golden import assert_snapshot, baseline_extension_for
 
 
 def _results(kd_artifacts) -> dict:
-    return json.loads(kd_artifacts.path("ablations.results").read_text(encoding="utf-8"))
+    return json.loads(kd_artifacts.path(ABLATIONS_RESULTS).read_text(encoding="utf-8"))
 
 
 def check_protocol(c: AblationsContract, kd_artifacts) -> None:
     results = _results(kd_artifacts)
     if results["protocol"] != c.protocol.__dict__ or sorted(results["experiments"]) != sorted(EXPERIMENTS):
-        fail(c.file.name, f"ablation results ({kd_artifacts.path('ablations.results')})",
+        fail(c.file.name, f"ablation results ({kd_artifacts.path(ABLATIONS_RESULTS)})",
              f"experiments {sorted(EXPERIMENTS)} run with protocol {c.protocol.__dict__}",
              f"experiments {sorted(results['experiments'])} run with protocol {results['protocol']}",
              "re-run: kdtrain pipeline --stages ablations")

@@ -11,13 +11,14 @@ from typing import Iterator
 import numpy as np
 
 from kdcontracts.models.distill_data import DataContract
+from kdtrain.artifact_table import DATA_VALIDATION_REPORT, TEACHER_CACHE, TEACHER_REPORT
 from pytest_kdcontracts.check import Check, fail
 
 
 def check_corruption_rate(c: DataContract, kd_artifacts) -> None:
     import json
 
-    path = kd_artifacts.path("data.validation_report")
+    path = kd_artifacts.path(DATA_VALIDATION_REPORT)
     report = json.loads(path.read_text(encoding="utf-8"))
     rate = report["corruption_rate"]
     if rate > c.corpus.max_corruption_rate:
@@ -32,7 +33,7 @@ def check_teacher(c: DataContract, kd_artifacts) -> None:
 
     filled = filled_settings(kd_artifacts)
     if filled.teacher not in c.accept or filled.top_k < c.min_top_k:
-        fail(c.file.name, f"the teacher that filled the cache ({kd_artifacts.path('teacher.report')}: the distill config's "
+        fail(c.file.name, f"the teacher that filled the cache ({kd_artifacts.path(TEACHER_REPORT)}: the distill config's "
              "teacher section)", f"{c.accept} with top-k >= {c.min_top_k}", f"{filled.name} {filled.version} with top-k {filled.top_k}",
              "set the distill config's teacher to one the contract accepts and re-run the teacher stage")
 
@@ -45,13 +46,13 @@ def _targets(c: DataContract, kd_artifacts):
 
     filled = filled_settings(kd_artifacts)
     requests, _ = teacher_requests(kd_artifacts, filled)
-    return filled.top_k, TeacherTargets(requests, TeacherCache(kd_artifacts.path("teacher.cache")), c.accept)
+    return filled.top_k, TeacherTargets(requests, TeacherCache(kd_artifacts.path(TEACHER_CACHE)), c.accept)
 
 
 def check_integrity(c: DataContract, kd_artifacts) -> None:
     from kdtrain.teacher.cache import TeacherCache
 
-    cache = TeacherCache(kd_artifacts.path("teacher.cache"))
+    cache = TeacherCache(kd_artifacts.path(TEACHER_CACHE))
     problems = [f"entry {row}: {why}" for row, why in cache.verify().damaged]  # an unreadable file raises ArtifactError
     if problems:
         fail(c.file.name, f"integrity of the teacher cache {cache.file}", "every entry's content hash verifies",

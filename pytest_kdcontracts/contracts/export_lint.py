@@ -13,9 +13,9 @@ from pytest_kdcontracts.check import Check, fail
 def check_lint(c: ExportLintContract, function: str, length: int, kd_artifacts) -> None:
     from kdtrain.export.graph import GraphSummary
     from kdtrain.export.lint import lint
-    from kdtrain.export.stage import graph_artifact
+    from kdtrain.artifact_table import export_graph
 
-    path = kd_artifacts.path(graph_artifact(function, length))
+    path = kd_artifacts.path(export_graph(function, length))
     findings = lint(GraphSummary.load(path), c.rules)
     if findings:
         fail(c.file.name, f"exported graph {function}-{length} ({path})", "no lint findings",

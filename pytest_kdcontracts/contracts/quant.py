@@ -9,6 +9,7 @@ from typing import Iterator
 import numpy as np
 
 from kdcontracts.models.quant import QuantContract, Quantize
+from kdtrain.artifact_table import QUANT_CALIBRATION
 from kdtrain.quant.recipe import const_name
 from pytest_kdcontracts.check import Check, fail
 
@@ -74,7 +75,7 @@ def check_conformance(c: QuantContract, function: str, length: int, kd_artifacts
 def _calibration(kd_artifacts) -> list[dict]:
     import json
 
-    return json.loads(kd_artifacts.path("quant.calibration").read_text(encoding="utf-8"))["samples"]
+    return json.loads(kd_artifacts.path(QUANT_CALIBRATION).read_text(encoding="utf-8"))["samples"]
 
 
 def check_ab(c: QuantContract, length: int, kd_artifacts, kd_coreml, kd_tokenizers, kd_report) -> None:

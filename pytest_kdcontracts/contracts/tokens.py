@@ -9,6 +9,7 @@ from functools import partial
 from typing import Iterator
 
 from kdcontracts.models.tokens import Example, SpecialToken, TokensContract
+from kdtrain.artifact_table import MIGRATION_AUDIT
 from kdtrain.data.chat import IGNORE_INDEX
 from kdtrain.tokenizers.load import TOKENIZER_ARTIFACTS
 from pytest_kdcontracts.check import Check, fail
@@ -144,7 +145,7 @@ def check_loss_mask_unsupervised(c: TokensContract, example: Example, name: str,
 # --- migration audit log -----------------------------------------------------------------
 
 def _audit(kd_artifacts) -> dict:
-    return json.loads(kd_artifacts.path("migration.audit").read_text(encoding="utf-8"))
+    return json.loads(kd_artifacts.path(MIGRATION_AUDIT).read_text(encoding="utf-8"))
 
 
 def check_audit_vocab(c: TokensContract, side: str, kd_tokenizers, kd_artifacts) -> None:

@@ -13,10 +13,10 @@ from functools import partial
 from typing import Iterator
 
 from kdcontracts.models.tool_registry import ToolRegistry
+from kdtrain.artifact_table import DATA_CORPUS
 from pytest_kdcontracts.check import Check, fail
 
 UNREGISTERED = "unregistered"
-CORPUS = "data.corpus"
 
 
 def _usable_samples(r: ToolRegistry, kd_artifacts):
@@ -24,11 +24,11 @@ def _usable_samples(r: ToolRegistry, kd_artifacts):
     from kdtrain.data.corpus import Corpus
     from kdtrain.errors import DataError
 
-    path = kd_artifacts.path(CORPUS)
+    path = kd_artifacts.path(DATA_CORPUS)
     try:
         corpus = Corpus.load(path)
     except DataError as exc:
-        fail(r.file.name, f"the corpus artifact {CORPUS}", "a readable, unmodified corpus folder", f"\n    {exc}")
+        fail(r.file.name, f"the corpus artifact {DATA_CORPUS.name}", "a readable, unmodified corpus folder", f"\n    {exc}")
     return path, [s for s in corpus.samples if not s.meta.invalid]
 
 
@@ -43,7 +43,7 @@ def check_versions(r: ToolRegistry, kd_artifacts) -> None:
     path, samples = _usable_samples(r, kd_artifacts)
     found = [f"{s.id}: {key} {version!r}" for s in samples for key, version, _ in incompatible_versions(s, r)]
     if found:
-        fail(r.file.name, f"versions of the samples of {CORPUS} ({path})",
+        fail(r.file.name, f"versions of the samples of {DATA_CORPUS.name} ({path})",
              f"compatible with tool_schema_version {r.tool_schema_version} and orchestrator_version {r.orchestrator_version} (same major, minor <= the registry's)",
              f"{len(found)} incompatible:" + _listed(found),
              "distillation refuses data whose version is incompatible with the target runtime's: migrate it (kdtrain migrate-data)")
@@ -65,7 +65,7 @@ def check_calls(r: ToolRegistry, tool: str | None, kd_artifacts) -> None:
     if problems:
         subject = f"calls of {tool}" if tool else "calls of tools the registry does not have"
         expected = f"arguments valid against the parameters of {tool}" if tool else f"only the registry's tools {list(r.names)}"
-        fail(r.file.name, f"{subject} in {CORPUS} ({path})", expected, f"{len(problems)} invalid of {calls} call(s):" + _listed(problems))
+        fail(r.file.name, f"{subject} in {DATA_CORPUS.name} ({path})", expected, f"{len(problems)} invalid of {calls} call(s):" + _listed(problems))
 
 
 def check_scenarios(r: ToolRegistry, kd_artifacts) -> None:
@@ -77,7 +77,7 @@ def check_scenarios(r: ToolRegistry, kd_artifacts) -> None:
     problems += [f"{s.id}: scenario {s.meta.scenario!r} with eligible.code_mode {s.meta.eligible.code_mode} (expected {s.meta.scenario in CODE_MODE_SCENARIOS})"
                  for s in samples if s.meta.eligible.code_mode != (s.meta.scenario in CODE_MODE_SCENARIOS)]
     if problems:
-        fail(r.file.name, f"scenarios of {CORPUS} ({path})",
+        fail(r.file.name, f"scenarios of {DATA_CORPUS.name} ({path})",
              f"every scenario {list(SCENARIOS)} present, code_mode eligible exactly for {sorted(CODE_MODE_SCENARIOS)}",
              _listed(problems).lstrip(), f"present: {dict(sorted(counts.items()))}")
 

@@ -1,0 +1,24 @@
+"""What every pipeline stage is handed: the artifacts folder and the contracts it builds towards."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from kdtrain.artifacts import ArtifactsFolder
+
+
+@dataclass
+class StageContext:
+    """What a stage gets: the artifacts folder and the contract folder it builds towards."""
+
+    folder: ArtifactsFolder
+    contracts: Path
+    distill_config: Path = Path("configs/distill_reference.yaml")  # the trainer's config (distill stage)
+
+    def contract(self, file_name: str) -> Any:
+        """A contract file, schema-validated and typed by the contract language (:mod:`kdcontracts`)."""
+        from kdcontracts.families import load
+
+        return load(self.contracts / file_name)
