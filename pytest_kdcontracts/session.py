@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -135,7 +136,7 @@ class KDSession:
             verdict = "FAILED" if counts["failed"] or counts["error"] else ("skipped" if not counts["passed"] else "passed")
             detail = ", ".join(f"{n} {o}" for o, n in sorted(counts.items()))
             lines.append(f"{verdict:7s} {key:{width}s}  {detail}")
-        lines.extend(sorted(self.notes))
+        lines.extend(sorted(self.notes, key=_natural))  # L=64 before L=128, whatever order workers report
         for reason, n in self.skip_reasons.most_common():
             lines.append(f"skipped {n}x: {reason}")
         total = Counter()
@@ -143,3 +144,7 @@ class KDSession:
             total.update(counts)
         lines.append("contracts: " + (", ".join(f"{n} {o}" for o, n in sorted(total.items())) or "no items ran"))
         return lines
+
+
+def _natural(text: str) -> list:
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", text)]

@@ -118,7 +118,8 @@ def test_snapshot_from_another_machine_passes_when_values_agree(golden_workspace
     before = path.read_bytes()
     result = golden_workspace.run("-m", "golden", "-k", "golden and 64")
     assert golden_workspace.failed(result) == set()
-    result.stdout.fnmatch_lines(["*golden[[]decode-64[]]: values agree with the snapshot made from other inputs (teacher.cache: sha256:aaaa*"])
+    result.stdout.fnmatch_lines(["*golden[[]decode-64[]]: values agree with the snapshot made from other inputs "
+                                 "(student.distilled: sha256:aaaaaaaaaaaa… -> sha256:*; teacher.cache: sha256:aaaaaaaaaaaa… -> sha256:*)"])
     golden_workspace.run("-m", "golden", "-k", "golden and 64", "--snapshot-update")
     assert path.read_bytes() == before, "numerics alone must not rewrite a snapshot (no churn across machines)"
 

@@ -49,6 +49,7 @@ def test_xdist_gives_the_same_verdicts_and_summary(workspace):
     selection = ("-k", "tokens.json or tool_registry or quant_recipe", "-q")
     serial, parallel = workspace.run(*selection), workspace.run(*selection, "-n", "2")
     assert workspace.failed(serial) and workspace.failed(parallel) == workspace.failed(serial)
-    assert serial.parseoutcomes() == parallel.parseoutcomes()
+    # xdist deselects in its workers, so only the serial run counts the deselected items
+    assert {k: v for k, v in serial.parseoutcomes().items() if k != "deselected"} == parallel.parseoutcomes()
     summary = [line for line in serial.outlines if line.startswith(("passed ", "FAILED ", "contracts: "))]
     assert summary and all(line in parallel.outlines for line in summary)
