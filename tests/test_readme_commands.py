@@ -36,7 +36,8 @@ def run(*command: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
     return done
 
 
-@pytest.mark.parametrize("stage", ["export", "convert", "quantize"])
+# convert and quantize re-convert every length (minutes on two cores): `make test-all` runs them.
+@pytest.mark.parametrize("stage", ["export", pytest.param("convert", marks=pytest.mark.slow), pytest.param("quantize", marks=pytest.mark.slow)])
 def test_one_stage_alone(folder, stage):
     done = run("kdtrain", stage, "--out", str(folder / "artifacts"), "--contracts", str(folder / "contracts"))
     assert "artifacts written to" in done.stdout
@@ -68,6 +69,7 @@ def test_data_commands(folder, tmp_path):
     assert "written to" in done.stdout
 
 
+@pytest.mark.slow  # runs the golden and ablation items in a fresh pytest: `make test-all`
 def test_make_golden_rewrites_the_snapshots(folder):
     shutil.rmtree(folder / "golden/coreml_contract")
     make("golden", folder)
@@ -75,6 +77,7 @@ def test_make_golden_rewrites_the_snapshots(folder):
         f"golden[{fn}-{length}].npz" for fn in ("decode", "prefill") for length in (128, 64)]
 
 
+@pytest.mark.slow  # the benchmarks take minutes by design: `make test-all`
 def test_make_bench_prints_its_ratios(folder):
     done = make("bench", folder)
     assert "MIL executor / PyTorch eager" in done.stdout and "KD overhead" in done.stdout
