@@ -52,3 +52,45 @@ def test_an_op_it_cannot_run_is_named(tmp_path):
     executor = _convert(Erf(), torch.ones(3), tmp_path / "erf.mlpackage", ct.precision.FLOAT16)
     with pytest.raises(UnsupportedOpError, match=r"cannot run op '.*' of type 'erf'"):
         executor.predict("main", {"x": np.zeros(3, dtype=np.float32)})
+
+
+@pytest.mark.parametrize("op", ["add", "sub", "mul", "real_div"])
+def test_fp16_elementwise_equals_fp32_arithmetic_rounded_once(op):
+    """The FP16 fast path of +, -, x, / gives, bit for bit, FP32 arithmetic rounded to FP16 (the
+    executor's definition), overflow to inf and the NaN of inf - inf included."""
+    from kdtrain.runtime.kernels import KERNELS, to_dtype
+
+    rng = np.random.default_rng(0)
+    with np.errstate(over="ignore"):  # some products overflow FP16 on purpose
+        x = (rng.standard_normal((3, 64, 64)) * rng.choice([1e-6, 1.0, 300.0, 6e4], (3, 64, 64))).astype(np.float16)
+        y = (rng.standard_normal((1, 64, 64)) * rng.choice([1e-6, 1.0, 300.0, 6e4], (1, 64, 64))).astype(np.float16)
+    x[0, 0, :4], y[0, 0, :4] = [np.inf, np.inf, -np.inf, 0], [np.inf, -np.inf, 1, 0]
+    fast = KERNELS[op](x, y)
+    reference = {"add": np.add, "sub": np.subtract, "mul": np.multiply, "real_div": np.divide}[op]
+    with np.errstate(all="ignore"):
+        slow = to_dtype(reference(x.astype(np.float32), y.astype(np.float32)), np.float16)
+    assert fast.dtype == np.float16
+    assert np.array_equal(fast.view(np.uint16)[~np.isnan(slow)], slow.view(np.uint16)[~np.isnan(slow)])
+    assert np.array_equal(np.isnan(fast), np.isnan(slow))
+
+
+def test_fp16_attention_matmul_by_row_blocks_equals_the_whole_product():
+    from kdtrain.runtime.kernels import matmul
+
+    rng = np.random.default_rng(1)
+    probs = rng.random((1, 3, 2100, 1100)).astype(np.float16)  # > 4M elements: the row-block path
+    values = rng.standard_normal((1, 3, 1100, 64)).astype(np.float16)
+    whole = torch.matmul(torch.from_numpy(probs).float(), torch.from_numpy(values).float()).numpy()
+    np.testing.assert_allclose(matmul(probs, values), whole, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(matmul(probs, values.transpose(0, 1, 3, 2).copy(), transpose_y=True), whole, rtol=1e-5, atol=1e-5)
+
+
+def test_intermediates_are_dropped_once_dead_and_outputs_kept(tmp_path):
+    import coremltools as ct
+
+    executor = _convert(Square(), torch.ones(4), tmp_path / "sq.mlpackage", ct.precision.FLOAT16)
+    y = executor.predict("main", {"x": np.array([1.0, 2.0, 3.0, 4.0], dtype=np.float32)})["y"]
+    assert y.tolist() == [2.0, 5.0, 10.0, 17.0]
+    dead = {name for names in executor._last_use("main").values() for name in names}
+    function = executor.program.functions["main"]
+    assert dead and not dead & ({v.name for v in function.outputs} | set(function.inputs))

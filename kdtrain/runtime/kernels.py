@@ -9,10 +9,15 @@ through torch's BLAS in FP32 rather than numpy's slow FP16 loops.
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import torch
 
 from kdtrain.errors import KDError
+
+# Kernels hand read-only constants (weights) to torch, which only reads them.
+warnings.filterwarnings("ignore", message="The given NumPy array is not writable", category=UserWarning)
 
 
 class UnsupportedOpError(KDError):
@@ -60,9 +65,19 @@ def _axes(axes, ndim: int) -> tuple[int, ...] | None:
     return None if axes is None else tuple(int(a) % ndim for a in np.atleast_1d(axes))
 
 
-def _binary(np_fn, torch_fn=None):
+def _binary(np_fn, torch_fn=None, exact_in_fp16=False):
+    """``exact_in_fp16``: for +, -, x and / of two FP16 inputs, torch's CPU Half kernels compute
+    each element in FP32 and round once to FP16, which is what FP32 arithmetic followed by the
+    executor's rounding gives (double rounding through FP32 is innocuous for these ops: 24 >= 2*11+2
+    bits). Running them on the FP16 arrays directly skips two conversions of every element, which
+    is most of a prefill at L=4096 ([heads, L, L] masks and scales). ``tests/test_mil_executor.py``
+    pins the equality bit for bit, overflow to inf included."""
+
     def kernel(x, y):
-        a, b = _f32(np.asarray(x)), _f32(np.asarray(y))
+        x, y = np.asarray(x), np.asarray(y)
+        if exact_in_fp16 and x.dtype == y.dtype == np.float16 and max(x.size, y.size) > 4096:
+            return torch_fn(torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(np.ascontiguousarray(y))).numpy()
+        a, b = _f32(x), _f32(y)
         if torch_fn is not None and a.dtype == b.dtype == np.float32 and max(a.size, b.size) > 4096:
             # large float work: torch's threaded, vectorised loops
             return torch_fn(torch.from_numpy(np.ascontiguousarray(a)), torch.from_numpy(np.ascontiguousarray(b))).numpy()
@@ -99,7 +114,25 @@ def slice_update(x, update, begin, end, stride=None, begin_mask=None, end_mask=N
     return out
 
 
+def _matmul_fp16_rows(x: np.ndarray, b: torch.Tensor, rows: int = 512) -> np.ndarray:
+    """``x @ b`` for a large FP16 ``x`` (attention probabilities [.., L, L]), converted to FP32 a
+    block of rows at a time: the same products, but each block's FP32 copy stays in cache, where
+    converting all of ``x`` first would stream [heads, L, L] FP32 through memory twice."""
+    a = torch.from_numpy(np.ascontiguousarray(x))
+    lead = a.shape[:-2]
+    a3, b3 = a.reshape(-1, *a.shape[-2:]), b.expand(*lead, *b.shape[-2:]).reshape(-1, *b.shape[-2:])
+    out = torch.empty(a3.shape[0], a3.shape[1], b3.shape[2], dtype=torch.float32)
+    for i in range(a3.shape[0]):
+        for start in range(0, a3.shape[1], rows):
+            torch.matmul(a3[i, start:start + rows].float(), b3[i], out=out[i, start:start + rows])
+    return out.reshape(*lead, *out.shape[-2:]).numpy()
+
+
 def matmul(x, y, transpose_x=False, transpose_y=False):
+    x = np.asarray(x)
+    if x.dtype == np.float16 and x.ndim >= 3 and x.size > 1 << 22 and not transpose_x and np.asarray(y).ndim == x.ndim:
+        b = _t(y)
+        return _matmul_fp16_rows(x, b.transpose(-1, -2) if transpose_y else b)
     a, b = _t(x), _t(y)
     if transpose_x:
         a = a.transpose(-1, -2)
@@ -151,10 +184,10 @@ def _sigmoid(x):
 
 
 KERNELS = {
-    "add": _binary(np.add, torch.add),
-    "sub": _binary(np.subtract, torch.sub),
-    "mul": _binary(np.multiply, torch.mul),
-    "real_div": _binary(np.divide),
+    "add": _binary(np.add, torch.add, exact_in_fp16=True),
+    "sub": _binary(np.subtract, torch.sub, exact_in_fp16=True),
+    "mul": _binary(np.multiply, torch.mul, exact_in_fp16=True),
+    "real_div": _binary(np.divide, torch.div, exact_in_fp16=True),
     "pow": _binary(np.power),
     "maximum": _binary(np.maximum),
     "minimum": _binary(np.minimum),

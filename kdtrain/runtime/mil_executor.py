@@ -40,6 +40,14 @@ def _stored(value, var):
     return value if dtype is None else to_dtype(value, dtype)
 
 
+def _flat(values):
+    for value in values:
+        if isinstance(value, (list, tuple)):
+            yield from _flat(value)
+        else:
+            yield value
+
+
 @dataclass
 class State:
     """Named state arrays of one model instance (shared by its functions, like MLState)."""
@@ -60,6 +68,7 @@ class MILExecutor:
         self.package = Path(package)
         self.program = load_mil(self.package) if program is None else program
         self._consts: dict[str, dict[str, np.ndarray]] = {}
+        self._dead: dict[str, dict[int, tuple[str, ...]]] = {}
 
     @property
     def functions(self) -> list[str]:
@@ -107,11 +116,33 @@ class MILExecutor:
                 env[name] = np.asarray(inputs[name]).astype(numpy_dtype(var))
             else:
                 raise UnsupportedOpError(f"{self.package}:{function}: expected input {name!r}, found only {sorted(inputs)}")
-        for op in fn.operations:
+        last_use = self._last_use(function)
+        for index, op in enumerate(fn.operations):
             if op.outputs and op.outputs[0].name in env:
                 continue
             env.update(self._run(op, env, state, function))
+            for name in last_use.get(index, ()):
+                env.pop(name, None)
         return {var.name: env[var.name] for var in fn.outputs}
+
+    def _last_use(self, function: str) -> dict[int, tuple[str, ...]]:
+        """Per op index, the intermediate values no later op reads: dropped as soon as they are
+        dead, so a prefill at L=4096 holds a few [heads, L, L] tensors at a time, not all of them."""
+        if function not in self._dead:
+            fn = self.program.functions[function]
+            keep = set(self._constants(function)) | {var.name for var in fn.outputs} | set(fn.inputs)
+            last: dict[str, int] = {}
+            for index, op in enumerate(fn.operations):
+                for var in _flat(op.inputs.values()):
+                    last[var.name] = index
+                for var in op.outputs:
+                    last.setdefault(var.name, index)
+            dead: dict[int, list[str]] = {}
+            for name, index in last.items():
+                if name not in keep:
+                    dead.setdefault(index, []).append(name)
+            self._dead[function] = {index: tuple(names) for index, names in dead.items()}
+        return self._dead[function]
 
     def _value(self, var, env):
         if isinstance(var, (list, tuple)):
