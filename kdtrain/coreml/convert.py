@@ -8,6 +8,7 @@ best case, and lets each length be verified, shipped or dropped alone.
 
 from __future__ import annotations
 
+import contextlib
 import tempfile
 from pathlib import Path
 
@@ -58,9 +59,22 @@ def save_multifunction(models: dict, out: Path, default: str) -> None:
             model.save(str(single))
             desc.add_function(str(single), src_function_name="main", target_function_name=name)
         desc.default_function_name = default
-        with atomic.directory(out) as tmp:
-            package = tmp / "model.mlpackage"
+        with _package_folder(out) as package:
             ct.utils.save_multifunction(desc, str(package))
-            for item in package.iterdir():
-                item.rename(tmp / item.name)
-            package.rmdir()
+
+
+def save_package(model, out: Path) -> None:
+    """Save an MLModel as ``out``, atomically."""
+    with _package_folder(out) as package:
+        model.save(str(package))
+
+
+@contextlib.contextmanager
+def _package_folder(out: Path):
+    """A path to save an mlpackage at; its contents become ``out`` (atomically) when the block succeeds."""
+    with atomic.directory(out) as tmp:
+        package = tmp / "model.mlpackage"
+        yield package
+        for item in package.iterdir():
+            item.rename(tmp / item.name)
+        package.rmdir()

@@ -9,15 +9,10 @@ through torch's BLAS in FP32 rather than numpy's slow FP16 loops.
 
 from __future__ import annotations
 
-import warnings
-
 import numpy as np
 import torch
 
 from kdtrain.errors import KDError
-
-# Kernels hand read-only constants (weights) to torch, which only reads them.
-warnings.filterwarnings("ignore", message="The given NumPy array is not writable", category=UserWarning)
 
 
 class UnsupportedOpError(KDError):
@@ -76,13 +71,18 @@ def _binary(np_fn, torch_fn=None, exact_in_fp16=False):
     def kernel(x, y):
         x, y = np.asarray(x), np.asarray(y)
         if exact_in_fp16 and x.dtype == y.dtype == np.float16 and max(x.size, y.size) > 4096:
-            return torch_fn(torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(np.ascontiguousarray(y))).numpy()
+            return torch_fn(_half(x), _half(y)).numpy()
         a, b = _f32(x), _f32(y)
         if torch_fn is not None and a.dtype == b.dtype == np.float32 and max(a.size, b.size) > 4096:
             # large float work: torch's threaded, vectorised loops
             return torch_fn(torch.from_numpy(np.ascontiguousarray(a)), torch.from_numpy(np.ascontiguousarray(b))).numpy()
         return np_fn(a, b)
     return kernel
+
+
+def _half(x: np.ndarray) -> torch.Tensor:
+    """An FP16 array as a tensor; a read-only constant is copied (torch wants writable memory)."""
+    return torch.from_numpy(np.ascontiguousarray(x) if x.flags.writeable else x.copy())
 
 
 def _slices(shape, begin, end, stride=None, begin_mask=None, end_mask=None, squeeze_mask=None):
