@@ -118,6 +118,12 @@ def test_each_step_logs_per_loss_gradient_norms_and_the_eligible_fraction(config
     assert smoke["missing_teacher_ratio"] == 0.0
 
 
+def test_balance_every_n_steps_null_measures_in_the_smoke_run_only(config_for, training_data, tmp_path):
+    distiller, _ = distil(config_for(**{"balance.every_n_steps": None}), tmp_path / "run", training_data, stop_after=2)
+    assert [r.get("grad_norms") for r in distiller.records()] == [None, None]
+    assert json.loads((tmp_path / "run/smoke.json").read_text())["measured"][0]["grad_norms"]
+
+
 def test_the_code_mode_mask_is_zero_on_ineligible_samples_of_the_corpus(reference_artifacts, config_for):
     from kdtrain.losses import code_mode_mask
 

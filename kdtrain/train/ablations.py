@@ -33,7 +33,9 @@ def experiment_config(base: DistillConfig, terms: tuple[str, ...], protocol: Pro
     data = base.data.model_copy(update={"slice": protocol.slice})
     optim = base.optim.model_copy(update={"steps": protocol.steps, "warmup_steps": min(base.optim.warmup_steps, protocol.steps)})
     checkpoint = base.checkpoint.model_copy(update={"every_n_steps": protocol.steps, "keep_last": 1})
-    return base.model_copy(update={"losses": losses, "curriculum": (), "data": data, "optim": optim, "checkpoint": checkpoint})
+    balance = base.balance.model_copy(update={"every_n_steps": None})  # outcomes are compared, not gradient balance
+    return base.model_copy(update={"losses": losses, "curriculum": (), "data": data, "optim": optim, "checkpoint": checkpoint,
+                                   "balance": balance})
 
 
 def evaluate(distiller, protocol: Protocol) -> dict:

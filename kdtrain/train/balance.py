@@ -61,7 +61,7 @@ def measure(terms: Mapping[str, torch.Tensor], params: Sequence[torch.nn.Paramet
         for param, grad in zip(params, grads):
             if grad is None:
                 continue
-            total += grad.detach().double().pow(2).sum().cpu()
+            total += torch.linalg.vector_norm(grad.detach(), dtype=torch.float64).square().cpu()
             if accumulate:
                 param.grad = grad.detach().clone() if param.grad is None else param.grad.add_(grad.detach())
         norms[name] = math.sqrt(float(total))

@@ -165,7 +165,9 @@ class Optim(_Section):
 class Balance(_Section):
     """Per-loss gradient norms every few steps; an alert when one term dominates (kdtrain.train.balance)."""
 
-    every_n_steps: Count = 5
+    # None: never during the run (the smoke gate still measures each of its steps); for runs
+    # that only compare outcomes, such as the ablations, where a measured step costs a backward per term.
+    every_n_steps: Count | None = 5
     ratio: float = Field(8.0, gt=1)  # one term's norm over every other's; 5..10 is typical
     window: Count = 3  # measurements averaged before the ratio is judged
     smoke_steps: Count = 24  # the smoke run that gates a fresh run (every step measured)

@@ -274,13 +274,17 @@ class Distiller:
         batch = batch.to(self.world.device)
         tick = time.perf_counter()
         out = self.step(self.model, self.optimizer, self.scheduler, batch, indices, step,
-                        measure_norms=step % self.config.balance.every_n_steps == 0)
+                        measure_norms=self._measured(step))
         seconds = time.perf_counter() - tick
         alert = self.monitor.observe(step, out.norms) if out.norms is not None else None
         tokens = int(self.world.total(float(batch.attention_mask.sum())))
         return StepRecord(step, _stage_name(self.config, step), out.lr, out.loss, out.values, out.weights, tokens,
                           eligible_fraction(batch), batch.aligned_fraction, {"epoch": taken.epoch, "position": taken.position},
                           round(seconds, 4), out.norms, alert)
+
+    def _measured(self, step: int) -> bool:
+        every = self.config.balance.every_n_steps
+        return every is not None and step % every == 0
 
     def _log_step(self, record: StepRecord) -> None:
         """The step's line in log.jsonl, its losses in the checkpoint history, its alert and norms in the log."""
