@@ -44,8 +44,10 @@ bench: artifacts
 	$(PY) -m pytest benchmarks --kd-artifacts $(ARTIFACTS) -q -s -p no:cacheprovider
 
 # tests/ named explicitly: with no paths, pytest here collects the contracts (kd_contracts ini).
+# Two workers: much of the suite is single-threaded Python (pytester runs, coremltools); the
+# reference artifacts are built once and shared (tests/conftest.py).
 test: $(STAMP)
-	$(PY) -m pytest tests -m "not slow" -q
+	$(PY) -m pytest tests -m "not slow" -q -n 2
 
 test-all: $(STAMP)
 	$(PY) -m pytest tests -q

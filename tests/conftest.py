@@ -91,14 +91,30 @@ def write_distill_config(path: Path, artifacts: Path | str, **changes) -> Path:
 
 
 @pytest.fixture(scope="session")
-def reference_artifacts(tmp_path_factory, test_contracts) -> Path:
-    """`kdtrain pipeline` output, built once; never mutate it (use ``workspace.artifacts``)."""
+def reference_artifacts(tmp_path_factory, test_contracts, worker_id) -> Path:
+    """`kdtrain pipeline` output, built once a run; never mutate it (use ``workspace.artifacts``).
+
+    Under pytest-xdist (`make test` runs two workers) the first worker that needs it builds it
+    in the run's shared temporary folder while the other waits on a lock, then both read it."""
+    if worker_id == "master":
+        return _build_reference(tmp_path_factory.mktemp("reference"), test_contracts)
+    from filelock import FileLock
+
+    root = tmp_path_factory.getbasetemp().parent / "reference"
+    with FileLock(f"{root}.lock"):
+        if not (root / "built").exists():
+            shutil.rmtree(root, ignore_errors=True)  # a build a killed worker left half done
+            root.mkdir()
+            _build_reference(root, test_contracts)
+            (root / "built").touch()
+    return root / "artifacts"
+
+
+def _build_reference(root: Path, contracts: Path) -> Path:
     from kdtrain.pipeline import run_pipeline
 
-    root = tmp_path_factory.mktemp("reference")
     out = root / "artifacts"
-    config = write_distill_config(root / "distill.yaml", out)
-    run_pipeline(out, contracts=test_contracts, distill_config=config)
+    run_pipeline(out, contracts=contracts, distill_config=write_distill_config(root / "distill.yaml", out))
     return out
 
 

@@ -6,6 +6,7 @@ folder with ``importlib.util.find_spec`` (which does not execute it) and read th
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 from pathlib import Path
 
@@ -38,9 +39,17 @@ def load_tokenizer():
 
 
 def load_model():
-    """The teacher as a float32 ``LlamaForCausalLM`` (transformers dequantizes Q4_1)."""
+    """The teacher as a float32 ``LlamaForCausalLM`` (transformers dequantizes Q4_1).
+
+    Read once per process and shared (the student and teacher stages of one pipeline both
+    need it, and dequantizing the GGUF takes about 20 s on two cores): callers read it and
+    never change it; a caller that moves it to another device moves a copy."""
+    return _load_model(gguf_path())
+
+
+@functools.lru_cache(maxsize=1)
+def _load_model(path: Path):
     from transformers import AutoModelForCausalLM
 
-    path = gguf_path()
     model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name)
     return model.eval()

@@ -185,7 +185,8 @@ class Distiller:
         if self._teacher is None:
             from kdtrain.teacher import gguf
 
-            self._teacher = gguf.load_model().eval().to(self.world.device)
+            teacher = gguf.load_model()  # shared in this process: moved to another device as a copy
+            self._teacher = teacher if self.world.device.type == "cpu" else copy.deepcopy(teacher).to(self.world.device)
         return self._teacher
 
     def _teacher_hidden(self, batch: DistillBatch, examples_text: list[str]) -> DistillBatch:
