@@ -27,25 +27,41 @@ TEST_LENGTHS = [64, 128]
 TEST_SAMPLES_PER_SCENARIO = 3
 
 
-def _import_the_plugin_whole() -> None:
-    """Import every plugin module (and so coremltools and torch) in this process once.
+# Modules a contract run can import lazily (coremltools' converters and passes, torch.export,
+# the student's transformers classes), imported here before any test.
+_IMPORTED_UP_FRONT = (
+    "coremltools", "coremltools.converters.mil.converter", "coremltools.converters.mil.frontend.milproto.load",
+    "coremltools.optimize.coreml", "coremltools.optimize.coreml._quantization_passes", "torch.export",
+    "transformers.models.llama.modeling_llama",
+)
 
-    pytester's in-process runs drop the modules a run imported when it ends; re-importing
-    coremltools' and torch's C extensions in the next run crashes the interpreter."""
+
+def pytest_configure(config) -> None:
+    """Import the plugin, kdtrain and what they import lazily, once in every process (each
+    pytest-xdist worker too), before any test runs.
+
+    pytester's in-process runs drop the modules first imported during a run when it ends, and
+    re-importing a module that registers torch operators (coremltools imports
+    torch.ao.quantization) fails or crashes the interpreter in the next run. Which test first
+    imports them depends on the order, and under xdist on the worker, so nothing is left to it."""
     import importlib
     import pkgutil
 
+    import kdtrain
     import pytest_kdcontracts
+
+    for package in (kdtrain, pytest_kdcontracts):
+        for module in pkgutil.walk_packages(package.__path__, f"{package.__name__}."):
+            importlib.import_module(module.name)
+    for name in _IMPORTED_UP_FRONT:
+        importlib.import_module(name)
     from kdtrain.runtime.backend import describe_backend
 
     describe_backend()
-    for module in pkgutil.walk_packages(pytest_kdcontracts.__path__, "pytest_kdcontracts."):
-        importlib.import_module(module.name)
 
 
 @pytest.fixture(scope="session")
 def test_contracts(tmp_path_factory) -> Path:
-    _import_the_plugin_whole()
     folder = tmp_path_factory.mktemp("contracts") / "contracts"
     shutil.copytree(REPO / "contracts", folder)
     coreml = json.loads((folder / "coreml_contract.json").read_text())
