@@ -13,6 +13,7 @@ from typing import Callable
 
 import pytest
 import yaml
+from _pytest import pytester as _pytester
 
 from kdtrain import atomic
 from kdtrain.teacher.cache import CACHE_FILE
@@ -25,6 +26,31 @@ REPO = Path(__file__).resolve().parents[1]
 TEST_LENGTHS = [64, 128]
 # Fewer samples per corpus scenario than the demo: the teacher scores each one.
 TEST_SAMPLES_PER_SCENARIO = 3
+
+
+# Third-party packages pytester's in-process runs must not drop (see pytest_configure): a
+# module first imported during a run is deleted when it ends, and torch, coremltools and
+# transformers register operators and caches at import that a second import refuses.
+_KEPT_ACROSS_INPROCESS_RUNS = ("torch", "functorch", "coremltools", "transformers", "tokenizers", "safetensors", "sympy",
+                               "numpy", "scipy", "sklearn", "matplotlib", "google.protobuf")
+
+
+class _SysModulesSnapshot(_pytester.SysModulesSnapshot):
+    """pytester's snapshot of ``sys.modules``, keeping the packages above as well as its own."""
+
+    def __init__(self, preserve=None):
+        super().__init__(preserve=lambda name: name.startswith(_KEPT_ACROSS_INPROCESS_RUNS) or bool(preserve and preserve(name)))
+
+
+_pytester.SysModulesSnapshot = _SysModulesSnapshot
+
+
+@pytest.fixture(autouse=True)
+def _not_an_xdist_worker(monkeypatch):
+    """Runs a test starts (pytester's, a subprocess's) are not xdist workers even when the test
+    runs in one: syrupy and pytest-benchmark keep their reports for the controller in a worker."""
+    for name in ("PYTEST_XDIST_WORKER", "PYTEST_XDIST_WORKER_COUNT", "PYTEST_XDIST_TESTRUNUID"):
+        monkeypatch.delenv(name, raising=False)
 
 
 # Modules a contract run can import lazily (coremltools' converters and passes, torch.export,
