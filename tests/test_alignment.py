@@ -18,7 +18,7 @@ from kdcontracts.families import family_for
 from kdtrain.artifact_table import DATA_CORPUS, TEACHER_CACHE
 from kdtrain.artifacts import ArtifactsFolder
 from kdtrain.data.calls import CODE_TOOL
-from kdtrain.data.chat import IGNORE_INDEX, render_chat
+from kdtrain.data.chat import IGNORE_INDEX, ChatFormat
 from kdtrain.data.corpus import Corpus, Sample
 from kdtrain.data.targets import DistillExample, TeacherTargets
 from kdtrain.losses import LOSSES, DistillBatch, LossConfig, StudentOutputs, code_mode_mask, collate_distill, weighted_sum
@@ -190,7 +190,7 @@ def test_turns_start_at_their_first_token_and_calls_at_their_tool_call(reference
     batch = reference.batch
     for i, example, sample, _ in reference.rows():
         offsets = batch.offsets[i]
-        rendered = render_chat(sample.messages)
+        rendered = ChatFormat.of(reference.student).render(sample.messages)
         contents = [(span, m.content) for span, m in zip(rendered.message_spans, sample.messages) if m.role == "assistant"]
         starts, ends, calls = batch.turn_starts[i].tolist(), batch.turn_ends[i].tolist(), batch.call_positions[i].tolist()
         for k, ((lo, _), content) in enumerate(contents):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from kdcontracts.models.tokens import Message
-from kdtrain.data.chat import IGNORE_INDEX, render_chat, supervised_labels
+from kdtrain.data.chat import IGNORE_INDEX, ChatFormat, supervised_labels
 from kdtrain.tokenizers.load import Tokenizer
 
 MESSAGES = (
@@ -14,15 +14,15 @@ MESSAGES = (
 )
 
 
-def test_rendered_spans_point_at_each_message():
-    rendered = render_chat(MESSAGES)
+def test_rendered_spans_point_at_each_message(reference_artifacts):
+    rendered = ChatFormat.of(Tokenizer("student", reference_artifacts / "tokenizers/student", "transformers")).render(MESSAGES)
     assert [rendered.text[s:e] for s, e in rendered.message_spans] == [m.content for m in MESSAGES]
     assert rendered.text.endswith("18 °C.<|im_end|>\n")
 
 
 def test_labels_supervise_assistant_tokens_only(reference_artifacts):
     tok = Tokenizer("student", reference_artifacts / "tokenizers/student", "transformers")
-    rendered = render_chat(MESSAGES)
+    rendered = ChatFormat.of(tok).render(MESSAGES)
     enc = tok.encode(rendered.text)
     labels = supervised_labels(enc.ids, enc.offsets, rendered.supervised_spans)
     supervised = tok.decode([i for i, label in zip(enc.ids, labels) if label != IGNORE_INDEX])

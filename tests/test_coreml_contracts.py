@@ -8,6 +8,7 @@ import json
 import pytest
 
 from kdtrain.artifact_table import STUDENT_DISTILLED, coreml_package, export_graph
+from conftest import reference_teacher
 
 PACKAGE = coreml_package(64).path
 SPEC = f"{PACKAGE}/Data/com.apple.CoreML/model.mlmodel"
@@ -121,9 +122,9 @@ def test_the_full_135m_teacher_converts_at_512(tmp_path, test_contracts):
     from kdtrain.stage import StageContext
     from kdtrain.artifacts import ArtifactsFolder
     from kdtrain.student.model import StudentConfig, StudentLM
-    from kdtrain.teacher import gguf
+    from kdtrain.teacher import source
 
-    teacher = gguf.load_model()
+    teacher = source.load_model(reference_teacher().source)
     config = StudentConfig.from_hf({k: v for k, v in teacher.config.to_dict().items() if k != "quantization_config"})
     model = StudentLM(config)
     model.load_state_dict(teacher.state_dict(), strict=False)

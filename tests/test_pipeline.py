@@ -8,6 +8,7 @@ from kdtrain.artifact_table import (FIXED, MIGRATION_AUDIT, QUANT_SIZE_ACCURACY_
                                     STUDENT_INIT, TEACHER_BUDGET, coreml_package, export_graph, export_lint)
 from kdtrain.artifacts import ArtifactsFolder
 from kdtrain.tokenizers.migration import TAGS
+from conftest import reference_teacher
 
 
 def test_manifest_lists_every_reference_artifact(reference_artifacts):
@@ -42,8 +43,6 @@ def test_student_checkpoint_is_small_and_its_new_rows_are_teacher_means(referenc
     import torch
     from safetensors.torch import load_file
 
-    from kdtrain.teacher import gguf
-
     config = json.loads((reference_artifacts / STUDENT_CHECKPOINT.path / "config.json").read_text())
     assert config["num_hidden_layers"] == 3 and config["hidden_size"] <= 576 and config["vocab_size"] == 49158
     weights = load_file(reference_artifacts / STUDENT_CHECKPOINT.path / "model.safetensors")
@@ -51,4 +50,5 @@ def test_student_checkpoint_is_small_and_its_new_rows_are_teacher_means(referenc
     init = json.loads((reference_artifacts / STUDENT_INIT.path).read_text())
     row = init["embedding_init"]["rows"]["<think>"]
     assert torch.allclose(embed[row["id"]], embed[row["teacher_ids"]].mean(dim=0))
-    assert init["teacher_layers"] == [0, 14, 29] and init["teacher"] == gguf.TEACHER_VERSION
+    assert init["teacher_layers"] == [0, 14, 29] and init["teacher"] == reference_teacher().version
+    assert init["method"] == "teacher_layers" and init["teacher_family"] == "llama"

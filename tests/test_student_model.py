@@ -7,6 +7,7 @@ import torch
 
 from kdtrain.export.programs import DecodeProgram, PrefillProgram
 from kdtrain.student.model import StudentLM
+from conftest import reference_teacher
 
 
 def _compare(reference: torch.Tensor, ours: torch.Tensor) -> tuple[float, float]:
@@ -39,9 +40,9 @@ def test_student_matches_llama_for_causal_lm_on_its_checkpoint(reference_artifac
 @pytest.mark.slow
 def test_student_module_matches_llama_on_the_full_teacher(tmp_path, capsys):
     from kdtrain.student.model import StudentConfig
-    from kdtrain.teacher import gguf
+    from kdtrain.teacher import source
 
-    teacher = gguf.load_model()
+    teacher = source.load_model(reference_teacher().source)
     hf_config = {k: v for k, v in teacher.config.to_dict().items() if k != "quantization_config"}
     student = StudentLM(StudentConfig.from_hf(hf_config))
     student.load_state_dict(teacher.state_dict(), strict=False)

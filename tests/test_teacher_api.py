@@ -13,14 +13,14 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
-from teacher_server import FAULT_KINDS, Faults, teacher_server
+from teacher_server import FAULT_KINDS, Faults, chatml_prompt, teacher_server
 
 from kdcontracts.models.tokens import Message
-from kdtrain.data.chat import render_chat
 from kdtrain.teacher.base import BudgetExceeded, TeacherError, TeacherRequest, TeacherResponse
 from kdtrain.teacher.budget import Budget, BudgetLimits
 from kdtrain.teacher.openai_api import OpenAIChatTeacher, RetryPolicy, token_char_spans
 from kdtrain.teacher.ratelimit import RateLimits
+from conftest import reference_teacher
 
 KEY = "sk-kdtest-7f3a91c2e5b84d06"
 KEY_ENV = "KDTRAIN_TEST_TEACHER_KEY"
@@ -97,7 +97,7 @@ def make_request(i: int, content: str | None = None, top_k: int = 4, tool: bool 
     messages = [Message("system", "Be terse."), Message("user", content or f"question {i} about the teacher, é?")]
     if tool:
         messages += [Message("assistant", '<tool_call>{"name": "now"}</tool_call>'), Message("tool", '{"time": "12:00"}')]
-    text = render_chat(messages).text + "<|im_start|>assistant\n"
+    text = chatml_prompt(messages)
     return TeacherRequest(f"s{i:03d}", tuple(messages), text, tuple(TOKENIZER.encode(text)), top_k=top_k, max_new_tokens=24)
 
 
@@ -344,15 +344,17 @@ def test_thirty_percent_of_requests_failing(serve, clock, max_retries):
 
 @pytest.mark.slow
 def test_the_local_teacher_through_the_server(tmp_path, clock):
-    from kdtrain.teacher import gguf
+    from kdtrain.data.chat import ChatFormat
+    from kdtrain.teacher import source
     from kdtrain.teacher.fill import TeacherSettings, build_request
-    from kdtrain.teacher.local import STOP, LocalTeacher
+    from kdtrain.teacher.local import LocalTeacher
     from kdtrain.tokenizers.load import Tokenizer
 
-    gguf.load_tokenizer().save_pretrained(tmp_path)
+    reference = reference_teacher()
+    source.load_tokenizer(reference.source).save_pretrained(tmp_path)
     tokenizer = Tokenizer("teacher", tmp_path, "transformers")
-    teacher = LocalTeacher.load(tokenizer)
-    settings = TeacherSettings(gguf.TEACHER_NAME, gguf.TEACHER_VERSION, mode="generate", top_k=8, max_new_tokens=24)
+    teacher = LocalTeacher(source.load_model(reference.source), tokenizer, reference.name, reference.version)
+    settings = TeacherSettings(reference.name, reference.version, mode="generate", top_k=8, max_new_tokens=24)
     questions = ["What is the capital of France? Answer in one word.",  # ends on the stop token
                  "Reply with three emojis.", "Translate 'good morning' into Japanese."]  # characters split over tokens
     requests = [build_request(f"s{i}", [Message("user", q), Message("assistant", "")], tokenizer, settings)
@@ -360,9 +362,9 @@ def test_the_local_teacher_through_the_server(tmp_path, clock):
     wants = [teacher.complete(request) for request in requests]
     assert any(len(w.token_ids) < settings.max_new_tokens for w in wants)
     assert any((w.offsets[:, 0] == w.offsets[:, 1]).any() for w in wants)  # a token inside one character
-    for vllm_stop_token in (None, tokenizer.token_to_id(STOP)):  # bytes from the text; or as vLLM sends them
-        with teacher_server(teacher, lambda text: tokenizer.encode(text).ids, lambda i: tokenizer.decode([i]),
-                            api_key=KEY, vllm_stop_token=vllm_stop_token) as server:
+    for vllm_stop_token in (None, tokenizer.token_to_id(tokenizer.eos_token)):  # bytes from the text; or as vLLM sends them
+        with teacher_server(teacher, lambda text: tokenizer.encode(text).ids, lambda i: tokenizer.decode([i]), api_key=KEY,
+                            vllm_stop_token=vllm_stop_token, prompt=ChatFormat.of(tokenizer).prompt) as server:
             client = make_client(server, clock, timeout_s=60.0)
             for request, want in zip(requests, wants):
                 got = client.complete(request)

@@ -63,9 +63,15 @@ def test_reference_config_loads():
     ("teacher.backend", "openai", "teacher.openai", "base_url and model since backend is openai", "None"),
     ("teacher.openai", {"base_url": "http://127.0.0.1:8000/v1", "model": "m"}, "teacher.openai",
      "no endpoint since backend is local (or backend: openai)", "'an endpoint'"),
-    ("teacher", {"backend": "openai", "name": "t", "version": "v1", "openai": {"base_url": "http://127.0.0.1:8000/v1", "model": "m"}},
+    ("teacher", {"backend": "openai", "name": "t", "version": "v1", "source": {"format": "transformers", "path": "tok"},
+                 "openai": {"base_url": "http://127.0.0.1:8000/v1", "model": "m"}},
      "teacher.mode", "'generate' since backend is openai (a chat API cannot score given text)", "'score'"),
     ("teacher.openai", {"base_url": "http://user:pw@host/v1", "model": "m"}, "teacher.openai.base_url", "a string matching", "'http://user:pw@host/v1'"),
+    ("teacher.source", None, "teacher.source", "a value (required)", "None"),
+    ("teacher.source.format", "onnx", "teacher.source.format", "'transformers' or 'gguf'", "'onnx'"),
+    ("student.layers", [3, 1], "student.layers", "strictly increasing teacher layer indices", "[3, 1]"),
+    ("student.shape", {"num_hidden_layers": 2, "hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4,
+                       "num_key_value_heads": 3, "head_dim": 16}, "student.shape.num_key_value_heads", "a divisor of num_attention_heads (4)", "3"),
     ("checkpoint.keep_last", 0, "checkpoint.keep_last", "greater than or equal to 1", "0"),
     ("checkpoint.dir", "../elsewhere", "checkpoint.dir", "a relative path inside the run folder", "'../elsewhere'"),
     ("curriculum.1.name", "imitate", "curriculum[1].name", "a stage name used once", "'imitate'"),
@@ -86,6 +92,7 @@ def test_bad_value_names_file_key_expected_found(tmp_path, key, value, where, ex
 def test_an_api_key_in_place_of_its_variable_name_is_refused_and_not_shown(tmp_path):
     key = "sk-live-0123456789abcdef"
     data = edited(reference_data(), "teacher", {"backend": "openai", "name": "t", "version": "v1", "mode": "generate",
+                                                "source": {"format": "transformers", "path": "tok"},
                                                 "openai": {"base_url": "https://api.example/v1", "model": "m", "api_key_env": key}})
     with pytest.raises(ConfigError) as info:
         load_config(write(tmp_path, data))

@@ -4,9 +4,9 @@ Every [B, S] target or mask is indexed by *predicting position*: entry ``t`` bel
 token that the logits (and the hidden state) at ``t`` predict, token ``t + 1``. So
 ``labels[:, t]`` is ``input_ids[:, t + 1]`` where that token is supervised, the teacher
 top-k at ``t`` is the teacher's distribution for token ``t + 1``, and ``halt_targets`` is 1
-at the position whose next token is the ``<|im_end|>`` closing an assistant turn. Turn
+at the position whose next token is the EOS closing an assistant turn. Turn
 tensors [B, T] hold predicting positions too: a turn runs from the position predicting its
-first token (``turn_starts``) to the one predicting its closing ``<|im_end|>``
+first token (``turn_starts``) to the one predicting its closing EOS
 (``turn_ends``); -1 pads samples with fewer turns. The teacher's length of a turn is the
 number of student tokens it has under teacher forcing.
 """
@@ -20,7 +20,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from kdtrain.data.chat import IGNORE_INDEX, render_chat, supervised_labels
+from kdtrain.data.chat import IGNORE_INDEX, ChatFormat, supervised_labels
 from kdtrain.data.collate import pad_batch
 from kdtrain.data.targets import DistillExample
 from kdtrain.errors import DataError
@@ -29,7 +29,6 @@ from kdtrain.losses.code_mode import decision, first_token
 from kdtrain.losses.tool import tool_spans
 from kdtrain.tokenizers.migration import TAGS
 
-EOS = "<|im_end|>"
 CALL = "<tool_call>"
 
 
@@ -47,7 +46,7 @@ class DistillBatch:
     integration_mask: torch.Tensor  # [B, S] bool: ... an answer span restating a tool result
     halt_targets: torch.Tensor  # [B, S] float32: 1 where the predicted token closes an assistant turn
     turn_starts: torch.Tensor  # [B, T] int64, -1 = no turn
-    turn_ends: torch.Tensor  # [B, T] int64: position predicting the turn's <|im_end|>
+    turn_ends: torch.Tensor  # [B, T] int64: position predicting the turn's closing EOS
     call_positions: torch.Tensor  # [B, T] int64: position predicting the turn's first <tool_call>, -1 = none
     eligible: torch.Tensor  # [B] bool: sample.meta.eligible.code_mode
     decision_positions: torch.Tensor  # [B] int64: position predicting the first call's tool name, -1 = none
@@ -90,11 +89,11 @@ def _pad(rows: Sequence[np.ndarray], length: int, fill, dtype) -> torch.Tensor:
     return torch.from_numpy(out)
 
 
-def _sample(example: DistillExample, tokenizer, shared_vocab: int, eos_id: int, first_ids) -> dict:
+def _sample(example: DistillExample, tokenizer, chat: ChatFormat, shared_vocab: int, eos_id: int, first_ids) -> dict:
     request = example.request
     if request.mode != "score":
         raise DataError(f"sample {request.sample_id}: at request.mode: expected 'score' (targets on the rendered conversation), found {request.mode!r}")
-    rendered = render_chat(request.messages)
+    rendered = chat.render(request.messages)
     if rendered.text != request.text:
         raise DataError(f"sample {request.sample_id}: at request.text: expected the rendered messages, found different text")
     enc = tokenizer.encode(request.text)
@@ -109,7 +108,7 @@ def _sample(example: DistillExample, tokenizer, shared_vocab: int, eos_id: int, 
     for lo, hi in rendered.supervised_spans:
         tokens = _token_range(offsets, lo, hi)
         if len(tokens) == 0 or enc.ids[tokens[-1]] != eos_id:
-            raise DataError(f"sample {request.sample_id}: at assistant turn {request.text[lo:hi][:40]!r}: expected it to end with {EOS}, found no such token")
+            raise DataError(f"sample {request.sample_id}: at assistant turn {request.text[lo:hi][:40]!r}: expected it to end with {chat.end_of_turn}, found no such token")
         starts.append(tokens[0] - 1)
         ends.append(tokens[-1] - 1)
         halt[tokens[-1] - 1] = 1.0
@@ -134,7 +133,8 @@ def collate_distill(examples: Sequence[DistillExample], student_tokenizer, eligi
     """Encode, align and mask a batch of score-mode examples; ``eligible[i]`` is sample i's ``meta.eligible.code_mode``."""
     if len(examples) != len(eligible):
         raise ValueError(f"collate_distill: expected one eligibility flag per example ({len(examples)}), found {len(eligible)}")
-    eos_id, call_id = student_tokenizer.token_to_id(EOS), student_tokenizer.token_to_id(CALL)
+    chat = ChatFormat.of(student_tokenizer)
+    eos_id, call_id = student_tokenizer.token_to_id(chat.end_of_turn), student_tokenizer.token_to_id(CALL)
     shared_vocab = min(student_tokenizer.token_to_id(tag) for tag in TAGS)  # the tags are appended after the teacher's ids
     cache: dict[str, int] = {}
 
@@ -143,7 +143,7 @@ def collate_distill(examples: Sequence[DistillExample], student_tokenizer, eligi
             cache[name] = first_token(student_tokenizer, name)
         return cache[name]
 
-    samples = [_sample(e, student_tokenizer, shared_vocab, eos_id, first_ids) for e in examples]
+    samples = [_sample(e, student_tokenizer, chat, shared_vocab, eos_id, first_ids) for e in examples]
     padded = pad_batch([s["ids"] for s in samples], pad_id=eos_id)
     length = padded.input_ids.shape[1]
     turns = max(1, max(len(s["turns"][0]) for s in samples))

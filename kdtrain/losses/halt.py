@@ -1,7 +1,7 @@
 """Halt head: BCE of P(stop here) against the turn's end, on supervised positions.
 
 The head reads the final (normed) hidden state at position ``t``, the one whose logits
-predict token ``t + 1``; its target is 1 where that token is the ``<|im_end|>`` closing an
+predict token ``t + 1``; its target is 1 where that token is the EOS closing an
 assistant turn and 0 at every other supervised position. It learns "the turn is complete
 after what I have read", which the host can act on without sampling the end token.
 Positive targets are one per turn: the mean is over all supervised positions, so the

@@ -1,7 +1,7 @@
 """Length-aware KD: penalise an expected answer longer than the teacher's, differentiably.
 
 Under teacher forcing the student's end-of-turn probability at each step of a turn is a
-hazard ``h_i = p(<|im_end|> | prefix_i)``. Stopping first at step ``i`` has probability
+hazard ``h_i = p(EOS | prefix_i)``. Stopping first at step ``i`` has probability
 ``h_i * prod_{j<i} (1 - h_j)``, so the expected length (end token included) is the sum of
 survival probabilities ``E[N] = sum_i S_i`` with ``S_i = prod_{j<i} (1 - h_j)``.
 
@@ -49,7 +49,7 @@ def length_loss(
     logits: torch.Tensor,  # [B, S, V]
     eos_id: int,
     starts: torch.Tensor,  # [B, T] first predicting position of each assistant turn, -1 = none
-    ends: torch.Tensor,  # [B, T] position predicting the turn's closing <|im_end|>
+    ends: torch.Tensor,  # [B, T] position predicting the turn's closing EOS
     excess: float = EXCESS,
     horizon: float = HORIZON,
 ) -> torch.Tensor:

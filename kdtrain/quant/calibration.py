@@ -9,40 +9,49 @@ import random
 import numpy as np
 import torch
 
+from kdcontracts.models.tokens import Message
+from kdtrain.data.chat import ChatFormat
+
 _TOOLS = ("get_weather", "search_flights", "convert_currency", "run_python", "lookup_customer")
 _CITIES = ("Paris", "São Paulo", "Kyoto", "Nairobi", "Reykjavík", "Austin")
 
 
-def _tool_use(rng: random.Random) -> str:
+_SYSTEM = Message("system", "You are a helpful assistant.")
+
+
+def _tool_use(rng: random.Random) -> list[Message]:
     tool, city = rng.choice(_TOOLS), rng.choice(_CITIES)
-    return (f"<|im_start|>user\nPlease use {tool} for {city} and summarise.<|im_end|>\n<|im_start|>assistant\n"
-            f"<think>I should call {tool}.</think><tool_call>\n{json.dumps({'name': tool, 'arguments': {'city': city, 'limit': rng.randint(1, 9)}})}\n</tool_call><|im_end|>\n"
-            f"<|im_start|>user\n<tool_response>\n{json.dumps({'ok': True, 'value': rng.random()})}\n</tool_response><|im_end|>\n<|im_start|>assistant\n")
+    call = json.dumps({"name": tool, "arguments": {"city": city, "limit": rng.randint(1, 9)}})
+    return [_SYSTEM, Message("user", f"Please use {tool} for {city} and summarise."),
+            Message("assistant", f"<think>I should call {tool}.</think><tool_call>\n{call}\n</tool_call>"),
+            Message("tool", json.dumps({"ok": True, "value": rng.random()}))]
 
 
-def _code(rng: random.Random) -> str:
+def _code(rng: random.Random) -> list[Message]:
     n = rng.randint(2, 9)
-    return (f"<|im_start|>user\nFix this function.\n```python\ndef total(xs):\n    s = 0\n    for x in xs[:{n}]:\n"
-            f"        s += x * {n}\n    return s / len(xs)\n```<|im_end|>\n<|im_start|>assistant\n")
+    return [_SYSTEM, Message("user", f"Fix this function.\n```python\ndef total(xs):\n    s = 0\n    for x in xs[:{n}]:\n"
+                                     f"        s += x * {n}\n    return s / len(xs)\n```")]
 
 
-def _long_context(rng: random.Random, tokens: int, tokenizer) -> str:
+def _long_context(rng: random.Random, tokens: int, tokenizer) -> list[Message]:
     sentences = [f"Record {i}: the shipment to {rng.choice(_CITIES)} weighed {rng.randint(1, 999)} kg." for i in range(4000)]
-    text, out = "<|im_start|>user\nRead the log, then answer.\n", []
+    out = []
     for sentence in sentences:
         out.append(sentence)
         if len(tokenizer.encode(" ".join(out)).ids) >= tokens - 64:
             break
-    return text + " ".join(out) + "\nWhich shipment was heaviest?<|im_end|>\n<|im_start|>assistant\n"
+    return [_SYSTEM, Message("user", "Read the log, then answer.\n" + " ".join(out) + "\nWhich shipment was heaviest?")]
 
 
 def build_calibration_set(samples: dict[str, int], seed: int, tokenizer, max_length: int) -> list[dict]:
+    """Prompts rendered by the tokenizer's chat template, each asking for the assistant's next turn."""
     rng = random.Random(seed)
+    chat = ChatFormat.of(tokenizer)
     makers = {"tool_use": lambda: _tool_use(rng), "code": lambda: _code(rng), "long_context": lambda: _long_context(rng, max_length, tokenizer)}
     out = []
     for kind, count in sorted(samples.items()):
         for i in range(count):
-            ids = tokenizer.encode(makers[kind]()).ids[: max_length - 8]
+            ids = tokenizer.encode(chat.prompt(makers[kind]())).ids[: max_length - 8]
             out.append({"kind": kind, "index": i, "ids": ids})
     return out
 

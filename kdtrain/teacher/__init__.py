@@ -1,2 +1,2 @@
-"""The teacher: one interface (:mod:`kdtrain.teacher.base`), the local SmolLM2-135M backend and an
+"""The teacher: one interface (:mod:`kdtrain.teacher.base`), a local transformers backend (source.py) and an
 OpenAI-compatible API client, and the self-verifying logit cache the trainer reads."""

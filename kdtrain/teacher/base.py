@@ -41,7 +41,7 @@ Mode = Literal["generate", "score"]
 class TeacherRequest:
     sample_id: str
     messages: tuple[Message, ...]  # generate: the prompt; score: the whole conversation
-    text: str  # messages rendered as ChatML (generate: ends with "<|im_start|>assistant\n")
+    text: str  # messages rendered by the tokenizer's chat template (generate: ending with its assistant header)
     ids: tuple[int, ...]  # text in the teacher tokenizer
     mode: Mode = "generate"
     score_spans: tuple[tuple[int, int], ...] = ()  # score: character spans to report

@@ -19,7 +19,7 @@ from tqdm import tqdm
 from kdcontracts.models.distill_data import Accept
 from kdcontracts.models.tokens import Message
 from kdtrain import atomic
-from kdtrain.data.chat import render_chat
+from kdtrain.data.chat import ChatFormat
 from kdtrain.teacher.base import BudgetExceeded, Teacher, TeacherError, TeacherRequest, prompt_messages
 from kdtrain.teacher.cache import TeacherCache, TeacherId
 
@@ -50,13 +50,14 @@ class TeacherSettings:
 
 def build_request(sample_id: str, messages: Sequence[Message], tokenizer, settings: TeacherSettings) -> TeacherRequest:
     """score: the whole conversation, targets on the assistant turns; generate: the prompt."""
+    chat = ChatFormat.of(tokenizer)
     if settings.mode == "score":
         messages = tuple(messages)
-        rendered = render_chat(messages)
+        rendered = chat.render(messages)
         text, spans = rendered.text, tuple(rendered.supervised_spans)
     else:
         messages = prompt_messages(messages)
-        text, spans = render_chat(messages).text + "<|im_start|>assistant\n", ()
+        text, spans = chat.prompt(messages), ()
     return TeacherRequest(sample_id, messages, text, tuple(tokenizer.encode(text).ids), settings.mode, spans,
                           settings.max_new_tokens, settings.top_k)
 

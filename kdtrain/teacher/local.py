@@ -1,10 +1,10 @@
-"""The local teacher: a transformers causal LM (the SmolLM2-135M GGUF), full logits reduced
-to top-k log-probs.
+"""The local teacher: a transformers causal LM (the config's ``teacher.source``), full logits
+reduced to top-k log-probs.
 
 It serves both request modes. ``score`` is one forward pass over the whole conversation:
 the distribution that predicts token *i* comes from position *i - 1*, and only tokens that
 overlap the requested character spans (the assistant's turns) are reported. ``generate``
-is greedy decoding to ``<|im_end|>`` or ``max_new_tokens``, as an API teacher at
+is greedy decoding to the tokenizer's EOS (the token that closes a turn) or ``max_new_tokens``, as an API teacher at
 temperature 0 would answer; the stop token is not part of the text, as in an API reply.
 """
 
@@ -13,23 +13,15 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from kdtrain.teacher import gguf
 from kdtrain.teacher.base import TeacherError, TeacherRequest, TeacherResponse, top_k
 from kdtrain.tokenizers.load import Tokenizer
 
-STOP = "<|im_end|>"
-
 
 class LocalTeacher:
-    def __init__(self, model, tokenizer: Tokenizer, name: str = gguf.TEACHER_NAME, version: str = gguf.TEACHER_VERSION):
+    def __init__(self, model, tokenizer: Tokenizer, name: str, version: str):
         self.model, self.tokenizer = model.eval(), tokenizer
         self.name, self.version = name, version
-        self.stop_id = tokenizer.token_to_id(STOP)
-
-    @classmethod
-    def load(cls, tokenizer: Tokenizer) -> "LocalTeacher":
-        """The reference teacher from its GGUF, with the teacher tokenizer from the artifacts."""
-        return cls(gguf.load_model(), tokenizer)
+        self.stop_id = tokenizer.token_to_id(tokenizer.eos_token)
 
     def complete(self, request: TeacherRequest) -> TeacherResponse:
         enc = self.tokenizer.encode(request.text)

