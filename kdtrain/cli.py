@@ -85,6 +85,34 @@ def _build_corpus(args: argparse.Namespace) -> int:
     return 0
 
 
+def _init(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from kdtrain.scaffold import InitOptions, init_project
+
+    lengths = tuple(int(v) for v in args.lengths.split(","))
+    config = init_project(InitOptions(args.teacher, Path(args.dir), Path(args.student) if args.student else None, lengths,
+                                      args.name, args.version, args.steps, args.samples_per_scenario))
+    print(f"project written to {args.dir}. Next:\n"
+          f"  kdtrain pipeline --config {config} --contracts {args.dir}/contracts --out {args.dir}/artifacts\n"
+          f"  pytest --kd-contracts {args.dir}/contracts -m golden --snapshot-update   # record the golden vectors of this build\n"
+          f"  pytest --kd-contracts {args.dir}/contracts")
+    return 0
+
+
+def _add_init_command(sub) -> None:
+    init = sub.add_parser("init", help="write a starter project (contracts, distill config) for your own teacher and student")
+    init.add_argument("dir", metavar="DIR", help="project folder: contracts/, distill.yaml, artifacts/, golden/")
+    init.add_argument("--teacher", required=True, help="a transformers model folder or a .gguf file")
+    init.add_argument("--student", help="YAML with the student: layers (teacher layers to keep) and/or shape")
+    init.add_argument("--lengths", default="512,1024", help="enumerated Core ML sequence lengths (default: %(default)s)")
+    init.add_argument("--name", help="the teacher's name (default: the folder's or file's name)")
+    init.add_argument("--version", help="the teacher's version (default: a hash of its weights)")
+    init.add_argument("--steps", type=int, default=24, help="distillation steps of the starter run (default: %(default)s)")
+    init.add_argument("--samples-per-scenario", type=int, default=6, help="corpus samples per scenario (default: %(default)s)")
+    init.set_defaults(func=_init)
+
+
 def _add_data_commands(sub) -> None:
     registry = {"default": "contracts/tool_registry.json", "help": "tool registry the data must fit (default: %(default)s)"}
     validate = sub.add_parser("validate-data", help="validate a corpus folder's tool calls against the tool registry")
@@ -112,7 +140,8 @@ def _add_stage_arguments(parser: argparse.ArgumentParser) -> None:
     stage run alone cannot miss a setting the pipeline has."""
     parser.add_argument("--out", required=True, help="artifacts folder to write or update")
     parser.add_argument("--contracts", default="contracts", help="contract folder the stages read (shapes, islands, lint rules)")
-    parser.add_argument("--distill-config", default="configs/distill_reference.yaml", help="the trainer's config (distill and teacher stages)")
+    parser.add_argument("--config", "--distill-config", dest="distill_config", default="configs/distill_reference.yaml",
+                        help="the distill config: teacher source, student, training (default: %(default)s)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -140,6 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
     fingerprint.add_argument("paths", nargs="+")
     fingerprint.set_defaults(func=_fingerprint)
     _add_data_commands(sub)
+    _add_init_command(sub)
     return parser
 
 

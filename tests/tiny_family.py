@@ -57,13 +57,20 @@ EXTRA_TEXTS = (
 
 
 def reference_texts(samples_per_scenario: int = 40, seed: int = 0) -> list[str]:
-    """Message contents of the reference corpus (every scenario) plus :data:`EXTRA_TEXTS`."""
+    """Message contents of the reference corpus (every scenario) plus :data:`EXTRA_TEXTS`, with the
+    thinking and tool tags taken out: a base tokenizer that never saw them, so that the student's
+    vocab migration adds them (as it would for a real teacher without them)."""
+    import re
+
+    from kdtrain.tokenizers.migration import TAGS
+
     from kdtrain.data.corpus import build_reference_corpus
     from kdtrain.data.registry import load_registry
 
     registry = load_registry(REPO / "contracts" / "tool_registry.json")
     corpus = build_reference_corpus(registry, samples_per_scenario, seed)
-    return [m.content for s in corpus.samples for m in s.messages] + list(EXTRA_TEXTS)
+    tags = re.compile("|".join(re.escape(t) for t in TAGS))
+    return [tags.sub(" ", m.content) for s in corpus.samples for m in s.messages] + list(EXTRA_TEXTS)
 
 
 def _pre_tokenizer(split: bool):

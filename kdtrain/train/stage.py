@@ -16,6 +16,7 @@ protocol of ``contracts/ablations.yaml``; their results are what that contract c
 from __future__ import annotations
 
 import json
+import logging
 
 from kdtrain import atomic
 from kdtrain.artifact_table import (ABLATIONS_PLOT, ABLATIONS_RESULTS, ABLATIONS_RUNS, DATA_CORPUS, DISTILL_REPORT, DISTILL_RUN,
@@ -23,6 +24,8 @@ from kdtrain.artifact_table import (ABLATIONS_PLOT, ABLATIONS_RESULTS, ABLATIONS
 from kdtrain.stage import StageContext
 from kdtrain.train.config import load_config
 from kdtrain.train.loop import PLOT, Distiller
+
+log = logging.getLogger("kdtrain.train")
 
 
 def stage_distill(ctx: StageContext) -> None:
@@ -67,6 +70,9 @@ def stage_ablations(ctx: StageContext) -> None:
     from kdtrain.train.plots import plot_ablations
 
     folder = ctx.folder
+    if not (ctx.contracts / "ablations.yaml").exists():  # a new project: its baselines come from a run it trusts
+        log.warning("stage ablations: nothing to run, %s has no ablations.yaml (the protocol and its baselines)", ctx.contracts)
+        return
     protocol = ctx.contract("ablations.yaml").protocol
     base = load_config(ctx.distill_config)
     with atomic.directory(folder.root / ABLATIONS_RUNS.path) as runs:

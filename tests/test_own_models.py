@@ -1,0 +1,142 @@
+"""Your own models: a second family through ``kdtrain init`` -> ``kdtrain pipeline`` -> the contracts.
+
+The teacher is a tiny, randomly initialised Qwen3 (another architecture: its attention has
+per-head norms, so the student's layers start fresh from its embeddings) with a
+SentencePiece-style tokenizer unlike SmolLM2's: byte fallback, BOS added by the tokenizer,
+PAD different from EOS, a Zephyr chat template. Both are built in the test (tests/tiny_family.py).
+Green on the real build; red, on the right items, on planted faults.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import Workspace
+from tiny_family import build_teacher, build_tokenizer
+
+LENGTHS = "64,128"
+STEPS = 6
+
+
+def _env() -> dict:
+    """Commands this test starts are not xdist workers (syrupy would keep its report for a controller)."""
+    return {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_XDIST")}
+
+
+def _run(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    result = subprocess.run([sys.executable, *args], cwd=cwd, env=_env(), capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, f"{args}: exit {result.returncode}\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    return result
+
+
+def _build(root: Path) -> Path:
+    tokenizer = build_tokenizer(root / "tokenizer")
+    teacher = build_teacher(root / "teacher", tokenizer, arch="qwen3")
+    project = root / "project"
+    _run("-m", "kdtrain.cli", "init", "--teacher", str(teacher), "--lengths", LENGTHS, "--steps", str(STEPS),
+         "--samples-per-scenario", "2", str(project), cwd=root)
+    _run("-m", "kdtrain.cli", "pipeline", "--config", str(project / "distill.yaml"), "--contracts", str(project / "contracts"),
+         "--out", str(project / "artifacts"), cwd=root)
+    _run("-m", "pytest", "--kd-contracts", "contracts", "-m", "golden", "--snapshot-update", "-p", "no:cacheprovider", "-q", cwd=project)
+    return project
+
+
+@pytest.fixture(scope="session")
+def own_project(tmp_path_factory, worker_id) -> Path:
+    """The second family's project, built once a run (shared by xdist workers under a lock)."""
+    if worker_id == "master":
+        return _build(tmp_path_factory.mktemp("own"))
+    from filelock import FileLock
+
+    root = tmp_path_factory.getbasetemp().parent / "own"
+    with FileLock(f"{root}.lock"):
+        if not (root / "built").exists():
+            shutil.rmtree(root, ignore_errors=True)
+            root.mkdir()
+            _build(root)
+            (root / "built").touch()
+    return root / "project"
+
+
+@pytest.fixture
+def own_workspace(pytester, own_project) -> Workspace:
+    workspace = Workspace(pytester, own_project / "contracts", own_project / "artifacts")
+    shutil.copytree(own_project / "golden", pytester.path / "golden")
+    return workspace
+
+
+def test_init_writes_contracts_from_the_real_tokenizers(own_project):
+    tokens = json.loads((own_project / "contracts/tokens.json").read_text())
+    roles = {tuple(t["roles"]): t for t in tokens["special_tokens"]}
+    assert roles[("bos",)]["text"] == "<s>" and roles[("eos",)]["text"] == "</s>" and roles[("pad",)]["text"] == "<pad>"
+    assert roles[("pad",)]["ids"]["student"] != roles[("eos",)]["ids"]["student"]
+    think = next(t for t in tokens["special_tokens"] if t["text"] == "<think>")
+    assert think["ids"]["teacher"] is None and think["ids"]["student"] == think["ids"]["runtime"] >= 1200
+    prompt = next(p["text"] for p in tokens["round_trip_prompts"] if p["name"] == "think_then_answer")
+    assert prompt.startswith("<|user|>\n") and "<|im_start|>" not in prompt  # the tokenizer's chat format, not ChatML
+    coreml = json.loads((own_project / "contracts/coreml_contract.json").read_text())
+    assert coreml["enumerated_shapes"]["values"] == [64, 128]
+    assert coreml["functions"]["decode"]["states"][0]["shape"] == [3, 2, "L", 16]  # layers, KV heads, L, head dim
+    assert coreml["golden"]["prompt"].endswith("<|assistant|>\n<think>")
+
+
+def test_the_student_starts_from_the_teachers_embeddings_when_the_family_differs(own_project):
+    from safetensors.torch import load_file
+
+    init = json.loads((own_project / "artifacts/student/init.json").read_text())
+    assert init["method"] == "teacher_embeddings" and init["teacher_family"] == "qwen3" and init["teacher_layers"] == []
+    assert "qwen3" in init["why"]
+    student = load_file(own_project / "artifacts/student/checkpoint/model.safetensors")
+    teacher = load_file(own_project.parent / "teacher/model.safetensors")
+    rows = teacher["model.embed_tokens.weight"].shape[0]
+    assert (student["model.embed_tokens.weight"][:rows] == teacher["model.embed_tokens.weight"]).all()
+
+
+def test_the_second_family_passes_every_contract(own_project):
+    result = _run("-m", "pytest", "--kd-contracts", "contracts", "-p", "no:cacheprovider", "-q", cwd=own_project)
+    summary = next(line for line in result.stdout.splitlines() if line.startswith("contracts: "))
+    assert "failed" not in summary and "error" not in result.stdout.splitlines()[-1]
+    for family in ("tokens.json::", "coreml_contract.json::golden", "quant_recipe.yaml::ab", "distill_data.yaml::teacher_targets"):
+        assert family in result.stdout
+
+
+def test_a_tag_that_splits_in_its_runtime_tokenizer_fails_single_token(own_workspace):
+    def demote(data):
+        data["added_tokens"] = [t for t in data["added_tokens"] if t["content"] != "<tool_call>"]
+
+    own_workspace.edit_json("tokenizers/runtime/tokenizer.json", demote)
+    result = own_workspace.run("-k", "single_token and runtime")
+    assert "single_token[runtime-<tool_call>]" in own_workspace.failed(result)
+    result.stdout.fnmatch_lines(["*'<tool_call>' alone in tokenizer 'runtime'*"])
+
+
+def test_pad_set_to_eos_fails_the_pad_role(own_workspace):
+    """The classic fine-tuning fix ``tokenizer.pad_token = tokenizer.eos_token``: a collator that
+    masks by id would then hide every real EOS; tokens.json says PAD is <pad>."""
+    own_workspace.edit_json("tokenizers/student/tokenizer_config.json", lambda data: data.update(pad_token="</s>"))
+    result = own_workspace.run("-k", "role_id and student")
+    assert own_workspace.failed(result) == {"role_id[student-pad]"}
+    result.stdout.fnmatch_lines(["*role_id*pad*"])
+
+
+def test_an_io_name_change_in_its_package_fails_io(own_workspace):
+    from coremltools.proto import Model_pb2
+
+    from kdtrain import atomic
+
+    spec_file = own_workspace.artifacts / "coreml/fp16/student-L64.mlpackage/Data/com.apple.CoreML/model.mlmodel"
+    spec = Model_pb2.Model()
+    spec.ParseFromString(spec_file.read_bytes())
+    decode = next(f for f in spec.description.functions if f.name == "decode")
+    next(i for i in decode.input if i.name == "position").name = "cache_position"
+    atomic.write_bytes(spec_file, spec.SerializeToString())
+    result = own_workspace.run("-m", "coreml", "-k", "io")
+    assert own_workspace.failed(result) == {"io[decode-64]"}
+    result.stdout.fnmatch_lines(["*inputs: 'position' missing*"])
