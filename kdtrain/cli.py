@@ -92,7 +92,8 @@ def _init(args: argparse.Namespace) -> int:
 
     lengths = tuple(int(v) for v in args.lengths.split(","))
     config = init_project(InitOptions(args.teacher, Path(args.dir), Path(args.student) if args.student else None, lengths,
-                                      args.name, args.version, args.steps, args.samples_per_scenario))
+                                      args.name, args.version, args.steps, args.samples_per_scenario,
+                                      args.teacher_model, args.tokenizer, args.api_key_env))
     print(f"project written to {args.dir}. Next:\n"
           f"  kdtrain pipeline --config {config} --contracts {args.dir}/contracts --out {args.dir}/artifacts\n"
           f"  pytest --kd-contracts {args.dir}/contracts -m golden --snapshot-update   # record the golden vectors of this build\n"
@@ -103,7 +104,11 @@ def _init(args: argparse.Namespace) -> int:
 def _add_init_command(sub) -> None:
     init = sub.add_parser("init", help="write a starter project (contracts, distill config) for your own teacher and student")
     init.add_argument("dir", metavar="DIR", help="project folder: contracts/, distill.yaml, artifacts/, golden/")
-    init.add_argument("--teacher", required=True, help="a transformers model folder or a .gguf file")
+    init.add_argument("--teacher", required=True, help="a transformers model folder, a .gguf file, or an OpenAI-compatible "
+                      "endpoint (http(s)://…/v1, with --teacher-model, --tokenizer and --student)")
+    init.add_argument("--teacher-model", help="an endpoint: the model name to ask for")
+    init.add_argument("--tokenizer", help="an endpoint: the served model's tokenizer folder")
+    init.add_argument("--api-key-env", default="OPENAI_API_KEY", help="an endpoint: the variable that holds the key (default: %(default)s)")
     init.add_argument("--student", help="YAML with the student: layers (teacher layers to keep) and/or shape")
     init.add_argument("--lengths", default="512,1024", help="enumerated Core ML sequence lengths (default: %(default)s)")
     init.add_argument("--name", help="the teacher's name (default: the folder's or file's name)")

@@ -70,13 +70,15 @@ def stage_student(ctx: StageContext) -> None:
     audit = json.loads(folder.path(MIGRATION_AUDIT).read_text(encoding="utf-8"))
     tags = [AddedTag(t["text"], t["id"], t["teacher_ids"]) for t in audit["added_tokens"]]
     teacher_config = ctx.config.teacher
-    if teacher_config.backend == "openai":
-        raise ConfigError(located(ctx.config.file, "teacher.backend", "a local teacher to initialise the student from "
-                                  "(an API teacher has no weights here: build the student elsewhere and register it with "
-                                  "`kdtrain add student.checkpoint PATH`)", "openai"))
-    teacher = source.load_model(teacher_config.source)
-    vocab = len(load_tokenizer(folder, "student").vocab)
-    model, hf_config, record = init_student(teacher, tags, ctx.config.student, teacher_name=teacher_config.version, vocab_size=vocab)
+    # An API teacher's weights are not here: the student starts fresh (student.shape is then required).
+    teacher = source.load_model(teacher_config.source) if teacher_config.backend == "local" else None
+    tokenizer = load_tokenizer(folder, "student")
+    ids = {role: tokenizer.token_to_id(getattr(tokenizer.transformers, f"{role}_token") or "") for role in ("bos", "eos", "pad")}
+    try:
+        model, hf_config, record = init_student(teacher, tags, ctx.config.student, teacher_name=teacher_config.version,
+                                                vocab_size=len(tokenizer.vocab), token_ids=ids)
+    except ValueError as exc:
+        raise ConfigError(located(ctx.config.file, "student", "a student the teacher allows", exc)) from None
     with atomic.directory(folder.root / STUDENT_CHECKPOINT.path) as tmp:
         model.save_pretrained(tmp, hf_config)
     folder.record(STUDENT_CHECKPOINT)

@@ -39,7 +39,7 @@ GOLDEN_MESSAGES = (("system", "You are a helpful assistant with tools."), ("user
 
 @dataclass(frozen=True)
 class InitOptions:
-    teacher: str  # a transformers folder or a .gguf file
+    teacher: str  # a transformers folder, a .gguf file, or an OpenAI-compatible endpoint's base URL
     project: Path
     student: Path | None = None  # YAML: the distill config's student section (layers and/or shape)
     lengths: tuple[int, ...] = (512, 1024)
@@ -47,15 +47,31 @@ class InitOptions:
     version: str | None = None  # default: the weights' sha256, so two different teachers never share cache entries
     steps: int = 24
     samples_per_scenario: int = 6
+    teacher_model: str | None = None  # an endpoint: the model to ask for
+    tokenizer: str | None = None  # an endpoint: the served model's tokenizer (a folder with its files)
+    api_key_env: str | None = "OPENAI_API_KEY"  # an endpoint: the variable holding the key (never the key)
+
+    @property
+    def api(self) -> bool:
+        return self.teacher.startswith(("http://", "https://"))
 
 
-def _source(teacher: str) -> dict:
+def _source(options: InitOptions) -> dict:
+    if options.api:
+        if not options.teacher_model or not options.tokenizer:
+            raise ConfigError(located("--teacher", None, "--teacher-model and --tokenizer with an endpoint (what to ask for, "
+                                      "and the served model's tokenizer)", options.teacher))
+        if options.student is None:
+            raise ConfigError(located("--teacher", None, "--student with a shape: an API teacher's weights are not here "
+                                      "to take one from", options.teacher))
+        return {"format": "transformers", "path": str(Path(options.tokenizer).expanduser().resolve())}
+    teacher = options.teacher
     path = Path(teacher).expanduser().resolve()
     if path.is_file() and path.suffix == ".gguf":
         return {"format": "gguf", "path": str(path)}
     if path.is_dir():
         return {"format": "transformers", "path": str(path)}
-    raise ConfigError(located("--teacher", None, "a transformers model folder or a .gguf file", teacher))
+    raise ConfigError(located("--teacher", None, "a transformers model folder, a .gguf file or an http(s) endpoint", teacher))
 
 
 def _student_section(options: InitOptions, teacher_config) -> dict:
@@ -82,6 +98,9 @@ def _distill_config(options: InitOptions, source: dict, student: dict, name: str
     config = yaml.safe_load((REFERENCE / "configs/distill_reference.yaml").read_text(encoding="utf-8"))
     config["teacher"] = {"backend": "local", "source": source, "name": name, "version": version, "mode": "score",
                          "top_k": 8, "max_new_tokens": 128}
+    if options.api:  # a chat API answers; it cannot score given text (sequence-level KD on its answers)
+        config["teacher"].update(backend="openai", mode="generate", openai={
+            "base_url": options.teacher, "model": options.teacher_model, "api_key_env": options.api_key_env})
     config["student"] = student
     config["data"]["artifacts"] = str((options.project / "artifacts").resolve())
     config["losses"]["intermediate_layers"] = []  # which teacher layer each student layer matches: yours to choose
@@ -159,15 +178,19 @@ def init_project(options: InitOptions) -> Path:
     contracts = project / "contracts"
     if contracts.exists():
         raise ConfigError(located(contracts, None, "a project folder without contracts/ (init never overwrites)", "it exists"))
-    source = _source(options.teacher)
+    source = _source(options)
     resolved = TeacherSource(**source)
-    name = options.name or Path(source["path"]).stem
-    version = options.version or teacher_source.weights_sha256(resolved)[:23]  # "sha256:" + 16 hex digits
-    from transformers import AutoConfig
+    teacher_source.resolve(resolved)  # a clear error now, not in the pipeline
+    if options.api:
+        name, version, teacher_config = options.name or options.teacher_model, options.version or f"api:{options.teacher_model}", None
+    else:
+        from transformers import AutoConfig
 
-    path = Path(source["path"])
-    teacher_config = (AutoConfig.from_pretrained(path.parent, gguf_file=path.name) if source["format"] == "gguf"
-                      else AutoConfig.from_pretrained(path))
+        name = options.name or Path(source["path"]).stem
+        version = options.version or teacher_source.weights_sha256(resolved)[:23]  # "sha256:" + 16 hex digits
+        path = Path(source["path"])
+        teacher_config = (AutoConfig.from_pretrained(path.parent, gguf_file=path.name) if source["format"] == "gguf"
+                          else AutoConfig.from_pretrained(path))
     student = _student_section(options, teacher_config)
     config_file = project / "distill.yaml"
     with atomic.directory(contracts) as tmp:
@@ -192,7 +215,7 @@ def init_project(options: InitOptions) -> Path:
         atomic.write_json(tmp / "tokens.json", _tokens_contract(folder, chat))
         shape = load_config(config_file).student
         student_config = _student_config(shape, teacher_config)
-        vocab = max(len(load_tokenizer(folder, "student").vocab), teacher_config.vocab_size)
+        vocab = max(len(load_tokenizer(folder, "student").vocab), teacher_config.vocab_size if teacher_config else 0)
         golden = chat.prompt([Message(role, text) for role, text in GOLDEN_MESSAGES]) + "<think>"
         atomic.write_json(tmp / "coreml_contract.json", _coreml_contract(options.lengths, student_config, vocab, golden))
         (tmp / "quant_recipe.yaml").write_text(_quant_recipe(student_config, vocab), encoding="utf-8")

@@ -73,7 +73,7 @@ class TeacherServer:
     def __init__(self, teacher: Teacher, encode: Callable[[str], list[int]], decode_token: Callable[[int], str], *,
                  api_key: str = "test-key", faults: Faults = Faults(), retry_after_s: float = 1.0,
                  timeout_delay_s: float = 1.0, token_ids: bool = True, top_logprobs_cap: int | None = None,
-                 vllm_stop_token: int | None = None, prompt: Callable[[tuple[Message, ...]], str] | None = None):
+                 vllm_stop_token: int | None = None, prompt: Callable[[tuple[Message, ...]], str] | None = None, port: int = 0):
         self.teacher, self.encode, self.decode_token, self.api_key = teacher, encode, decode_token, api_key
         self.prompt = prompt or chatml_prompt  # as the served model's chat template renders the messages
         self.retry_after_s, self.timeout_delay_s = retry_after_s, timeout_delay_s
@@ -85,7 +85,7 @@ class TeacherServer:
         self.stopping = threading.Event()
         self._lock = threading.Lock()
         self.set_faults(faults)
-        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+        self._httpd = ThreadingHTTPServer(("127.0.0.1", port), _Handler)
         self._httpd.owner = self  # type: ignore[attr-defined]
         self._httpd.handle_error = self._handle_error  # type: ignore[method-assign]
         self._thread = threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
@@ -255,3 +255,49 @@ def teacher_server(teacher: Teacher, encode: Callable[[str], list[int]], decode_
         yield server
     finally:
         server.stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Serve a local transformers model folder as an OpenAI-compatible API teacher, until interrupted.
+
+    ``python tests/teacher_server.py --teacher DIR [--port N] [--name MODEL]``: the key clients
+    must send is read from the variable named by ``--api-key-env`` (default TEACHER_API_KEY), so it
+    never appears on a command line; the first line printed is the base URL."""
+    import argparse
+    import os
+    import time
+    from pathlib import Path
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("--teacher", required=True, help="a transformers model folder (weights and tokenizer)")
+    parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--api-key-env", default="TEACHER_API_KEY")
+    args = parser.parse_args(argv)
+    from kdtrain.data.chat import ChatFormat
+    from kdtrain.teacher import source
+    from kdtrain.teacher.local import LocalTeacher
+    from kdtrain.tokenizers.load import Tokenizer
+    from kdtrain.train.config import TeacherSource
+
+    folder = TeacherSource(format="transformers", path=str(Path(args.teacher).resolve()))
+    tokenizer = Tokenizer("teacher", Path(folder.path), "transformers")
+    teacher = LocalTeacher(source.load_model(folder), tokenizer, Path(folder.path).name, "served")
+    key = os.environ.get(args.api_key_env)
+    if not key:
+        parser.error(f"expected the key in ${args.api_key_env}, found it unset")
+    server = TeacherServer(teacher, lambda text: tokenizer.encode(text).ids, lambda i: tokenizer.decode([i]), api_key=key,
+                           prompt=ChatFormat.of(tokenizer).prompt, port=args.port)
+    server.start()
+    print(server.base_url, flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

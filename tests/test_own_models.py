@@ -140,3 +140,37 @@ def test_an_io_name_change_in_its_package_fails_io(own_workspace):
     result = own_workspace.run("-m", "coreml", "-k", "io")
     assert own_workspace.failed(result) == {"io[decode-64]"}
     result.stdout.fnmatch_lines(["*inputs: 'position' missing*"])
+
+
+@pytest.mark.slow
+def test_an_api_teacher_project_passes_its_contracts(own_project, tmp_path, monkeypatch):
+    """The README's API walkthrough: the loopback server in front of the tiny teacher, ``kdtrain init``
+    with the endpoint, the pipeline (its answers as sequence-level KD targets), the contracts."""
+    teacher = own_project.parent / "teacher"
+    env = dict(_env(), TEACHER_API_KEY="loopback-key")
+    server = subprocess.Popen([sys.executable, str(Path(__file__).parent / "teacher_server.py"), "--teacher", str(teacher)],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        url = server.stdout.readline().strip()
+        assert url.startswith("http://127.0.0.1:"), url
+        student = tmp_path / "student.yaml"
+        student.write_text("shape: {num_hidden_layers: 2, hidden_size: 64, intermediate_size: 128, num_attention_heads: 4, "
+                           "num_key_value_heads: 2, head_dim: 16}\n")
+        project = tmp_path / "api"
+        monkeypatch.setenv("TEACHER_API_KEY", "loopback-key")  # what the client sends, read from the environment
+        _run("-m", "kdtrain.cli", "init", "--teacher", url, "--teacher-model", "tiny", "--tokenizer", str(teacher),
+             "--student", str(student), "--api-key-env", "TEACHER_API_KEY", "--lengths", LENGTHS, "--steps", str(STEPS),
+             "--samples-per-scenario", "2", str(project), cwd=tmp_path)
+        _run("-m", "kdtrain.cli", "pipeline", "--config", str(project / "distill.yaml"), "--contracts", str(project / "contracts"),
+             "--out", str(project / "artifacts"), cwd=tmp_path)
+        _run("-m", "pytest", "--kd-contracts", "contracts", "-m", "golden", "--snapshot-update", "-p", "no:cacheprovider", "-q", cwd=project)
+        result = _run("-m", "pytest", "--kd-contracts", "contracts", "-p", "no:cacheprovider", "-q", cwd=project)
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    assert "failed" not in next(line for line in result.stdout.splitlines() if line.startswith("contracts: "))
+    report = json.loads((project / "artifacts/teacher/report.json").read_text())
+    assert report["teacher"]["backend"] == "openai" and report["fill"]["fetched"] > 0 and not report["fill"]["retry_later"]
+    init = json.loads((project / "artifacts/student/init.json").read_text())
+    assert init["method"] == "fresh" and init["teacher_family"] == "api"
+    assert "loopback-key" not in (project / "distill.yaml").read_text()

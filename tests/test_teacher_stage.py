@@ -15,7 +15,7 @@ import pytest
 import yaml
 from teacher_server import Record, teacher_server
 
-from conftest import distill_config_data
+from conftest import distill_config_data, reference_teacher
 from kdtrain.artifact_table import TEACHER_CACHE, TEACHER_REPORT
 from kdtrain.teacher.base import TeacherRequest, TeacherResponse
 
@@ -64,6 +64,7 @@ class _Collect(logging.Handler):
 
 def _config(path: Path, artifacts: Path, base_url: str, calls: int | None) -> Path:
     teacher = {"backend": "openai", "name": NAME, "version": VERSION, "mode": "generate", "top_k": 4, "max_new_tokens": 12,
+               "source": reference_teacher().source.model_dump(),  # the served model's tokenizer
                "openai": {"base_url": base_url, "model": "echo", "api_key_env": KEY_ENV}}
     path.write_text(yaml.safe_dump(distill_config_data(artifacts, teacher=teacher, **{"budgets.teacher_calls": calls})))
     return path
@@ -108,7 +109,8 @@ def test_the_api_teacher_fills_the_cache_within_its_budget_across_reruns(filled)
     first, again, unlimited = filled.passes
     samples = first["targets"]["samples"]
     assert first["teacher"] == {"backend": "openai", "name": NAME, "version": VERSION, "mode": "generate", "top_k": 4,
-                                "max_new_tokens": 12, "endpoint": {"base_url": first["teacher"]["endpoint"]["base_url"], "model": "echo"}}
+                                "max_new_tokens": 12, "source": reference_teacher().source.model_dump(mode="json"),
+                                "endpoint": {"base_url": first["teacher"]["endpoint"]["base_url"], "model": "echo"}}
     assert first["fill"]["fetched"] == CALLS and len(first["fill"]["retry_later"]) == samples - CALLS
     assert all(why.startswith("budget exhausted") for why in first["fill"]["retry_later"].values())
     assert again["fill"]["fetched"] == 0 and again["budget"]["spent"]["calls"] == CALLS  # spent stays spent
@@ -129,14 +131,31 @@ def test_the_api_key_reaches_no_log_cache_or_artifact(filled):
     assert KEY_ENV in filled.config.read_text() and KEY not in filled.config.read_text()
 
 
-def test_the_trainer_refuses_a_cache_another_teacher_filled(filled, tmp_path):
-    from conftest import write_distill_config
-    from kdtrain.errors import ConfigError, DataError
+def test_the_trainer_learns_an_api_teachers_answers_as_teacher_forced_turns(filled):
+    """Generate mode is sequence-level KD: the teacher's answer is the assistant turn, its top-k on that turn."""
     from kdtrain.train.config import load_config
     from kdtrain.train.data import load_training_data
 
-    with pytest.raises(ConfigError, match=r"distill.yaml: at teacher.mode: expected 'score' to train"):
-        load_training_data(load_config(filled.config))
+    data = load_training_data(load_config(filled.config))
+    assert data.examples and all(e.request.mode == "score" for e in data.examples)
+    for example in data.examples:
+        answer = example.request.messages[-1]
+        assert answer.role == "assistant" and ANSWER.startswith(answer.content) and answer.content
+        lo, hi = example.request.score_spans[0]
+        assert example.request.text[lo:hi].startswith(answer.content)
+        spans = [example.request.text[a:b] for a, b in example.targets.offsets.tolist()]
+        assert "".join(spans) == answer.content  # the teacher's tokens, moved onto the rendered turn
+    batch = data.batch([0])
+    turns = sum(m.role == "assistant" for m in data.examples[0].request.messages)  # the prompt's earlier turns: the data's
+    assert batch.kd_mask.sum() >= len(data.examples[0].targets.token_ids) - 1 and batch.halt_targets.sum() == turns
+
+
+def test_the_trainer_refuses_a_cache_another_teacher_filled(filled, tmp_path):
+    from conftest import write_distill_config
+    from kdtrain.errors import DataError
+    from kdtrain.train.config import load_config
+    from kdtrain.train.data import load_training_data
+
     local = write_distill_config(tmp_path / "local.yaml", filled.artifacts)  # the reference teacher, top-8
     with pytest.raises(DataError) as info:
         load_training_data(load_config(local))

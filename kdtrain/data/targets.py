@@ -25,6 +25,28 @@ class DistillExample:
     targets: TeacherResponse  # verified top-k targets and their character spans
 
 
+def as_teacher_forced(example: DistillExample, chat) -> DistillExample:
+    """A generate-mode target as a teacher-forced one: sequence-level KD (Kim and Rush, 2016).
+
+    The teacher's answer becomes the assistant turn after the prompt, rendered by ``chat`` (a
+    :class:`kdtrain.data.chat.ChatFormat`), and its top-k, reported on the answer's own
+    characters, move to where the answer sits in the rendered conversation. Score-mode
+    examples are returned as they are."""
+    import dataclasses
+
+    from kdcontracts.models.tokens import Message
+
+    request, response = example.request, example.targets
+    if request.mode == "score":
+        return example
+    messages = (*request.messages, Message("assistant", response.text))
+    rendered = chat.render(messages)
+    start = rendered.message_spans[-1][0]
+    forced = dataclasses.replace(request, messages=messages, text=rendered.text, ids=(), mode="score",
+                                 score_spans=tuple(rendered.supervised_spans[-1:]))
+    return DistillExample(forced, dataclasses.replace(response, text=rendered.text, offsets=response.offsets + start))
+
+
 @dataclass
 class TeacherTargets:
     requests: Sequence[TeacherRequest]

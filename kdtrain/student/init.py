@@ -70,24 +70,32 @@ def _rope_theta(tconf) -> float:
     return float(rope.get("rope_theta", getattr(tconf, "rope_theta", 10000.0)))
 
 
-def init_student(teacher_model, added_tags, spec, teacher_name: str = "teacher", vocab_size: int | None = None):
+def init_student(teacher_model, added_tags, spec, teacher_name: str = "teacher", vocab_size: int | None = None,
+                 token_ids: dict | None = None):
     """Return (:class:`StudentLM`, the transformers Llama config dict it is saved with, :class:`StudentInit`).
 
     ``spec`` is the distill config's ``student`` section (``layers``, ``shape``); ``vocab_size``
-    is the student tokenizer's (by default the teacher's plus the added tags)."""
+    is the student tokenizer's (by default the teacher's plus the added tags). ``teacher_model``
+    None (an API teacher, whose weights are not here): every weight fresh, ``token_ids``
+    (bos/eos/pad) from the tokenizer."""
     from transformers import LlamaConfig
 
-    tconf = teacher_model.config
-    teacher_shape = _teacher_shape(tconf)
+    tconf = teacher_model.config if teacher_model is not None else None
+    if tconf is None and spec.shape is None:
+        raise ValueError("student: expected a shape since the teacher has no weights here (an API teacher), found layers only")
+    teacher_shape = _teacher_shape(tconf) if tconf is not None else {}
     shape = {**teacher_shape, "num_hidden_layers": len(spec.layers)} if spec.shape is None else spec.shape.model_dump()
-    vocab = max(vocab_size or 0, tconf.vocab_size + len(added_tags) if vocab_size is None else tconf.vocab_size)
+    teacher_vocab = tconf.vocab_size if tconf is not None else 0
+    vocab = max(vocab_size or 0, teacher_vocab + len(added_tags) if vocab_size is None else teacher_vocab)
     layers = list(spec.layers or ())
-    if layers and max(layers) >= tconf.num_hidden_layers:
+    if tconf is not None and layers and max(layers) >= tconf.num_hidden_layers:
         raise ValueError(f"student.layers: expected teacher layer indices < {tconf.num_hidden_layers}, found {layers}")
-    not_family = _same_family(tconf)
+    not_family = _same_family(tconf) if tconf is not None else "an API teacher"
     widths = ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "head_dim")
-    other_widths = [k for k in widths if shape[k] != teacher_shape[k]]
-    if layers and not_family is None and not other_widths:
+    other_widths = [k for k in widths if shape[k] != teacher_shape.get(k)]
+    if tconf is None:
+        method, why = "fresh", "an API teacher: its weights are not here, every weight fresh"
+    elif layers and not_family is None and not other_widths:
         method, why = "teacher_layers", "same family and widths: the listed teacher layers are copied"
     elif shape["hidden_size"] == teacher_shape["hidden_size"]:
         method = "teacher_embeddings"
@@ -107,7 +115,7 @@ def init_student(teacher_model, added_tags, spec, teacher_name: str = "teacher",
             vocab_size=vocab, **{k: shape[k] for k in (*widths, "num_hidden_layers", "tie_word_embeddings")},
             rms_norm_eps=float(getattr(tconf, "rms_norm_eps", 1e-5)), rope_theta=_rope_theta(tconf),
             max_position_embeddings=int(getattr(tconf, "max_position_embeddings", 4096)),
-            bos_token_id=tconf.bos_token_id, eos_token_id=tconf.eos_token_id, pad_token_id=getattr(tconf, "pad_token_id", None),
+            **{f"{role}_token_id": (token_ids or {}).get(role, getattr(tconf, f"{role}_token_id", None)) for role in ("bos", "eos", "pad")},
         )
     config.architectures = ["LlamaForCausalLM"]
     hf_config = {k: v for k, v in config.to_dict().items() if k not in ("_name_or_path", "_model_name_or_path")}
@@ -118,7 +126,7 @@ def init_student(teacher_model, added_tags, spec, teacher_name: str = "teacher",
             if param.dim() == 2:
                 param.copy_(torch.randn(param.shape, generator=generator) * INIT_STD)
 
-    teacher_state = teacher_model.state_dict()
+    teacher_state = teacher_model.state_dict() if teacher_model is not None else {}
     state = {}
     if method == "teacher_layers":
         for new_index, old_index in enumerate(layers):
@@ -144,7 +152,7 @@ def init_student(teacher_model, added_tags, spec, teacher_name: str = "teacher",
     student.init_halt_head()
 
     record = StudentInit(
-        teacher=teacher_name, teacher_family=tconf.model_type, method=method,
+        teacher=teacher_name, teacher_family=tconf.model_type if tconf is not None else "api", method=method,
         teacher_layers=layers if method == "teacher_layers" else [],
         num_hidden_layers=config.num_hidden_layers, hidden_size=config.hidden_size, vocab_size=vocab,
         parameters=sum(p.numel() for p in student.parameters()), embedding_init=embedding_init, why=why,

@@ -23,7 +23,8 @@ from kdcontracts.models.tool_registry import compatible
 from kdtrain.artifact_table import DATA_CORPUS, TEACHER_CACHE
 from kdtrain.artifacts import ArtifactsFolder
 from kdtrain.data.corpus import Corpus
-from kdtrain.data.targets import DistillExample, TeacherTargets
+from kdtrain.data.chat import ChatFormat
+from kdtrain.data.targets import DistillExample, TeacherTargets, as_teacher_forced
 from kdtrain.errors import ConfigError, DataError, located
 from kdtrain.losses import DistillBatch, collate_distill
 from kdtrain.teacher.cache import TeacherCache
@@ -113,10 +114,6 @@ def check_cache_teacher(config: DistillConfig, cache: TeacherCache, missing: set
 
 def load_training_data(config: DistillConfig, artifacts: Path | str | None = None) -> TrainingData:
     """The examples of ``data.artifacts`` (or ``artifacts``) that the trainer may use."""
-    if config.teacher.mode != "score":
-        raise ConfigError(located(config.file, "teacher.mode", "'score' to train: the trainer learns from teacher-forced "
-                                  "targets on the corpus's own answers (generate-mode targets fill a cache, not a run yet)",
-                                  repr(config.teacher.mode)))
     folder = ArtifactsFolder.open(artifacts or config.data.artifacts)
     corpus_dir = folder.path(DATA_CORPUS)
     corpus = Corpus.load(corpus_dir)
@@ -128,7 +125,8 @@ def load_training_data(config: DistillConfig, artifacts: Path | str | None = Non
     requests = [build_request(s.id, s.messages, teacher_tokenizer, settings) for s in corpus.samples]
     cache = TeacherCache(folder.path(TEACHER_CACHE))
     targets = TeacherTargets(requests, cache, settings.accept)
-    verified = list(targets)
+    chat = ChatFormat.of(student_tokenizer)
+    verified = [as_teacher_forced(e, chat) for e in targets]  # generate mode: the teacher's answers are the turns
     check_cache_teacher(config, cache, set(targets.missing))
     examples = [e for e in verified if len(student_tokenizer.encode(e.request.text).ids) <= config.data.max_length]
     too_long = len(verified) - len(examples)
