@@ -101,7 +101,22 @@ def _init(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add(args: argparse.Namespace) -> int:
+    from kdtrain.add import add_artifact
+
+    target = add_artifact(args.name, args.path, args.out, args.host_api)
+    print(f"{args.name}: {args.path} registered in {args.out}/manifest.json (now at {target})")
+    return 0
+
+
 def _add_init_command(sub) -> None:
+    add = sub.add_parser("add", help="register an artifact kdtrain did not build (a tokenizer, a checkpoint, an mlpackage, a corpus)")
+    add.add_argument("name", metavar="NAME", help="its artifact name: tokenizer.student, student.checkpoint, coreml.fp16.512, ...")
+    add.add_argument("path", metavar="PATH", help="the file or folder (copied into the artifacts folder)")
+    add.add_argument("--out", required=True, help="the artifacts folder")
+    add.add_argument("--host-api", help="a Core ML package: the host API it speaks (1.0: functions prefill and decode "
+                     "sharing the KV-cache states); without it, golden and prefill/decode items fail saying why")
+    add.set_defaults(func=_add)
     init = sub.add_parser("init", help="write a starter project (contracts, distill config) for your own teacher and student")
     init.add_argument("dir", metavar="DIR", help="project folder: contracts/, distill.yaml, artifacts/, golden/")
     init.add_argument("--teacher", required=True, help="a transformers model folder, a .gguf file, or an OpenAI-compatible "

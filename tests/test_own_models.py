@@ -174,3 +174,43 @@ def test_an_api_teacher_project_passes_its_contracts(own_project, tmp_path, monk
     init = json.loads((project / "artifacts/student/init.json").read_text())
     assert init["method"] == "fresh" and init["teacher_family"] == "api"
     assert "loopback-key" not in (project / "distill.yaml").read_text()
+
+
+def _package_from_elsewhere(pytester, own_project: Path, host_api: str | None) -> Path:
+    """A folder of artifacts kdtrain did not build, registered with ``kdtrain add``: the tokenizers,
+    the reference checkpoint, and the FP16 packages (as if the user's own script converted them)."""
+    out = pytester.path / "artifacts"
+    built = own_project / "artifacts"
+    added = {"tokenizer.teacher": built / "tokenizers/teacher", "tokenizer.student": built / "tokenizers/student",
+             "tokenizer.runtime": built / "tokenizers/runtime/tokenizer.json", "student.checkpoint": built / "student/distilled"}
+    added.update({f"coreml.fp16.{n}": built / f"coreml/fp16/student-L{n}.mlpackage" for n in LENGTHS.split(",")})
+    for name, path in added.items():
+        extra = ["--host-api", host_api] if host_api and name.startswith("coreml.") else []
+        _run("-m", "kdtrain.cli", "add", name, str(path), "--out", str(out), *extra, cwd=pytester.path)
+    contracts = pytester.path / "contracts"
+    contracts.mkdir()
+    for file in ("manifest.json", "coreml_contract.json", "precision_islands.yaml"):
+        shutil.copy(own_project / "contracts" / file, contracts / file)
+    shutil.copytree(own_project / "golden", pytester.path / "golden")
+    return contracts
+
+
+def test_a_package_converted_elsewhere_is_verified_against_the_checkpoint_the_user_names(pytester, own_project):
+    contracts = _package_from_elsewhere(pytester, own_project, "1.0")
+    manifest = json.loads((pytester.path / "artifacts/manifest.json").read_text())
+    assert manifest["artifacts"]["coreml.fp16.64"]["stage"] == "add" and manifest["artifacts"]["coreml.fp16.64"]["kind"].startswith("coreml/")
+    result = pytester.runpytest_inprocess("--kd-contracts", str(contracts), "-p", "no:cacheprovider")
+    outcomes = result.parseoutcomes()
+    assert outcomes.get("failed", 0) == 0 and outcomes.get("error", 0) == 0 and outcomes["passed"] >= 10, result.stdout.str()[-3000:]
+    result.stdout.fnmatch_lines(["*coreml_contract.json::golden*4 passed*", "*coreml_contract.json::io*4 passed*"])
+
+
+def test_a_package_without_a_declared_host_api_fails_golden_saying_why(pytester, own_project):
+    contracts = _package_from_elsewhere(pytester, own_project, None)
+    result = pytester.runpytest_inprocess("--kd-contracts", str(contracts), "-p", "no:cacheprovider")
+    failed = {line.split("::")[1].split(" ")[0] for line in result.outlines if line.startswith("FAILED contracts/")}
+    assert failed == {"host_api_version", "golden[prefill-64]", "golden[decode-64]", "golden[prefill-128]", "golden[decode-128]",
+                      "prefill_decode[64]", "prefill_decode[128]"}
+    result.stdout.fnmatch_lines(["*registered with `kdtrain add` without --host-api*"])
+    # IO and the islands do not need the host API: the packages are still checked.
+    result.stdout.fnmatch_lines(["*coreml_contract.json::io*4 passed*", "*precision_islands.yaml::islands*4 passed*"])

@@ -50,11 +50,17 @@ class Host:
 
 def check_host_api(artifacts, expected: str = HOST_API_VERSION) -> str:
     """The host API version the artifacts were converted for; a mismatch fails loudly."""
-    stage = artifacts.manifest.stages.get("convert")
+    stages = artifacts.manifest.stages
+    name = "convert" if "convert" in stages else "add"  # kdtrain convert's packages, or ones registered by kdtrain add
+    stage = stages.get(name)
     found = stage.settings.get("host_api_version") if stage else None
     if found != expected:
+        how = ("re-run `kdtrain convert`" if name == "convert" else
+               "the packages were registered with `kdtrain add` without --host-api: a package this code cannot drive "
+               "(functions prefill and decode sharing the KV-cache states) has no golden or prefill/decode check; "
+               f"declare `--host-api {expected}` only if it speaks that API")
         raise ArtifactError(
-            f"{artifacts.root / 'manifest.json'}: at stages.convert.settings.host_api_version: expected {expected!r} "
-            f"(the host API this code and the contract speak), found {found!r}; re-run `kdtrain convert`"
+            f"{artifacts.root / 'manifest.json'}: at stages.{name}.settings.host_api_version: expected {expected!r} "
+            f"(the host API this code and the contract speak), found {found!r}; {how}"
         )
     return found
