@@ -3,7 +3,7 @@
 Layout (each stage owns one sub-folder; later stages add theirs)::
 
     manifest.json              what is here, which stage wrote it, its SHA-256
-    tokenizers/teacher/        SmolLM2's tokenizer, read from the teacher GGUF
+    tokenizers/teacher/        the teacher's tokenizer (the distill config's teacher.source)
     tokenizers/student/        teacher + thinking/tool tags (vocab migration)
     tokenizers/runtime/        tokenizer.json alone, as a host app loads it
     migration/audit.json       the vocab migration's audit log

@@ -83,15 +83,11 @@ def _student_section(options: InitOptions, teacher_config) -> dict:
         if not isinstance(section, dict):
             raise ConfigError(located(options.student, None, "a mapping with layers and/or shape", type(section).__name__))
         return {"artifact": "student.checkpoint", **section}
+    from kdtrain.student.init import teacher_shape
+
     n = teacher_config.num_hidden_layers
     layers = sorted({0, n // 2, n - 1})
-    heads = teacher_config.num_attention_heads
-    shape = {"num_hidden_layers": len(layers), "hidden_size": teacher_config.hidden_size,
-             "intermediate_size": teacher_config.intermediate_size, "num_attention_heads": heads,
-             "num_key_value_heads": getattr(teacher_config, "num_key_value_heads", None) or heads,
-             "head_dim": getattr(teacher_config, "head_dim", None) or teacher_config.hidden_size // heads,
-             "tie_word_embeddings": bool(getattr(teacher_config, "tie_word_embeddings", True))}
-    return {"artifact": "student.checkpoint", "layers": layers, "shape": shape}
+    return {"artifact": "student.checkpoint", "layers": layers, "shape": {**teacher_shape(teacher_config), "num_hidden_layers": len(layers)}}
 
 
 def _distill_config(options: InitOptions, source: dict, student: dict, name: str, version: str) -> dict:
@@ -170,7 +166,6 @@ def init_project(options: InitOptions) -> Path:
     from kdtrain.artifacts import ArtifactsFolder
     from kdtrain.data.chat import ChatFormat
     from kdtrain.pipeline import run_pipeline
-    from kdtrain.student.model import StudentConfig
     from kdtrain.teacher import source as teacher_source
     from kdtrain.train.config import TeacherSource, load_config
 
@@ -203,7 +198,7 @@ def init_project(options: InitOptions) -> Path:
         data["teacher"].update(name=name, versions=[version])
         (tmp / "distill_data.yaml").write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
         # tokens.json names the tags the tokenizers stage adds; ids are filled from what it wrote.
-        atomic.write_json(tmp / "tokens.json", _tags_only(resolved))
+        atomic.write_json(tmp / "tokens.json", _tags_only())
         config = _distill_config(options, source, student, name, version)
         atomic.write_text(config_file, "# Written by kdtrain init; the reference config's comments explain each key.\n"
                           + yaml.safe_dump(config, sort_keys=False))
@@ -238,8 +233,9 @@ def _quant_recipe(c, vocab: int) -> str:
     return text.replace("  size_ratio_max: 0.6\n", bound)
 
 
-def _tags_only(source) -> dict:
-    """A tokens.json that only names the tags to add (teacher id null), for the tokenizers stage."""
+def _tags_only() -> dict:
+    """A stand-in tokens.json for the tokenizers stage, which reads only the tags to add (teacher id
+    null) from it; replaced by the real one once the tokenizers are written."""
     reference = json.loads((REFERENCE / "contracts/tokens.json").read_text(encoding="utf-8"))
     tags = [dict(t, ids={"teacher": None, "student": 0, "runtime": 0}) for t in reference["special_tokens"] if t["text"] in TAG_ROLES]
     fake = [{"text": f"<{role}>", "roles": [role], "supervised": False, "ids": {"teacher": 0, "student": 0, "runtime": 0}}
@@ -248,13 +244,9 @@ def _tags_only(source) -> dict:
 
 
 def _student_config(section, teacher_config):
+    """The student's shape as a :class:`StudentConfig` (vocabulary, norm and rope settings do not matter here)."""
+    from kdtrain.student.init import teacher_shape
     from kdtrain.student.model import StudentConfig
 
-    if section.shape is not None:
-        s = section.shape
-        return StudentConfig(0, s.hidden_size, s.intermediate_size, s.num_hidden_layers, s.num_attention_heads,
-                             s.num_key_value_heads, s.head_dim, 1e-5, 1e4, s.tie_word_embeddings)
-    heads = teacher_config.num_attention_heads
-    return StudentConfig(0, teacher_config.hidden_size, teacher_config.intermediate_size, len(section.layers), heads,
-                         getattr(teacher_config, "num_key_value_heads", None) or heads,
-                         getattr(teacher_config, "head_dim", None) or teacher_config.hidden_size // heads, 1e-5, 1e4, False)
+    shape = section.shape.model_dump() if section.shape else {**teacher_shape(teacher_config), "num_hidden_layers": len(section.layers)}
+    return StudentConfig(vocab_size=0, rms_norm_eps=1e-5, rope_theta=1e4, **shape)

@@ -67,7 +67,7 @@ def test_reference_config_loads():
                  "openai": {"base_url": "http://127.0.0.1:8000/v1", "model": "m"}},
      "teacher.mode", "'generate' since backend is openai (a chat API cannot score given text)", "'score'"),
     ("teacher.openai", {"base_url": "http://user:pw@host/v1", "model": "m"}, "teacher.openai.base_url", "a string matching", "'http://user:pw@host/v1'"),
-    ("teacher.source", None, "teacher.source", "a value (required)", "None"),
+    ("teacher.source", None, "teacher.source", "a valid dictionary or instance of TeacherSource", "None"),
     ("teacher.source.format", "onnx", "teacher.source.format", "'transformers' or 'gguf'", "'onnx'"),
     ("student.layers", [3, 1], "student.layers", "strictly increasing teacher layer indices", "[3, 1]"),
     ("student.shape", {"num_hidden_layers": 2, "hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4,

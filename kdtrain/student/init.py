@@ -45,7 +45,8 @@ class StudentInit:
         return asdict(self)
 
 
-def _teacher_shape(tconf) -> dict:
+def teacher_shape(tconf) -> dict:
+    """A transformers config's shape in the keys of the distill config's student.shape."""
     heads = tconf.num_attention_heads
     return {
         "num_hidden_layers": tconf.num_hidden_layers, "hidden_size": tconf.hidden_size,
@@ -83,8 +84,8 @@ def init_student(teacher_model, added_tags, spec, teacher_name: str = "teacher",
     tconf = teacher_model.config if teacher_model is not None else None
     if tconf is None and spec.shape is None:
         raise ValueError("student: expected a shape since the teacher has no weights here (an API teacher), found layers only")
-    teacher_shape = _teacher_shape(tconf) if tconf is not None else {}
-    shape = {**teacher_shape, "num_hidden_layers": len(spec.layers)} if spec.shape is None else spec.shape.model_dump()
+    widths_of_teacher = teacher_shape(tconf) if tconf is not None else {}
+    shape = {**widths_of_teacher, "num_hidden_layers": len(spec.layers)} if spec.shape is None else spec.shape.model_dump()
     teacher_vocab = tconf.vocab_size if tconf is not None else 0
     vocab = max(vocab_size or 0, teacher_vocab + len(added_tags) if vocab_size is None else teacher_vocab)
     layers = list(spec.layers or ())
@@ -92,17 +93,17 @@ def init_student(teacher_model, added_tags, spec, teacher_name: str = "teacher",
         raise ValueError(f"student.layers: expected teacher layer indices < {tconf.num_hidden_layers}, found {layers}")
     not_family = _same_family(tconf) if tconf is not None else "an API teacher"
     widths = ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "head_dim")
-    other_widths = [k for k in widths if shape[k] != teacher_shape.get(k)]
+    other_widths = [k for k in widths if shape[k] != widths_of_teacher.get(k)]
     if tconf is None:
         method, why = "fresh", "an API teacher: its weights are not here, every weight fresh"
     elif layers and not_family is None and not other_widths:
         method, why = "teacher_layers", "same family and widths: the listed teacher layers are copied"
-    elif shape["hidden_size"] == teacher_shape["hidden_size"]:
+    elif shape["hidden_size"] == widths_of_teacher["hidden_size"]:
         method = "teacher_embeddings"
         why = not_family or (f"widths differ from the teacher's ({', '.join(other_widths)})" if other_widths else "no teacher layers listed")
         why += ": embeddings copied, layers fresh"
     else:
-        method, why = "fresh", f"hidden size {shape['hidden_size']} differs from the teacher's {teacher_shape['hidden_size']}: every weight fresh"
+        method, why = "fresh", f"hidden size {shape['hidden_size']} differs from the teacher's {widths_of_teacher['hidden_size']}: every weight fresh"
     if method != "teacher_layers" and spec.shape is None:
         raise ValueError(f"student: expected a shape since the teacher's layers cannot be copied ({why}), found layers only")
 
