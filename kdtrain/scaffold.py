@@ -120,7 +120,7 @@ def _tokens_contract(folder, chat) -> dict:
     texts: dict[str, list[str]] = {}
     for role in ROLE_ORDER:
         text = getattr(hf, f"{role}_token", None)
-        if role in ("bos", "eos", "pad") and not text:
+        if role in ("eos", "pad") and not text:  # no BOS is allowed (Qwen's tokenizers have none)
             raise ConfigError(located(toks["teacher"].path, f"{role}_token", f"a {role} token (tokens.json names one per role)", "none"))
         if text:
             texts.setdefault(text, []).append(role)

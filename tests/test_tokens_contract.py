@@ -153,3 +153,16 @@ def test_audit_log_that_disagrees_with_the_tokenizers_fails(workspace):
     result = workspace.run("-k", "migration_audit")
     result.stdout.fnmatch_lines(["*migration audit log entry for '<think>'*", "*found:    log: 12, tokenizer: 49152*"])
     result.assert_outcomes(failed=2, passed=7)
+
+
+def test_a_contract_without_bos_holds_the_tokenizers_to_having_none(workspace):
+    """Qwen's tokenizers have no BOS: tokens.json then gives the role to no token, and a tokenizer
+    that does have one (here the reference's <|im_start|>) fails its BOS item."""
+    def no_bos(doc):
+        assert doc["special_tokens"][0]["roles"] == ["bos"]
+        del doc["special_tokens"][0]
+
+    workspace.edit_contract("tokens.json", no_bos)
+    result = workspace.run("-k", "role_id")
+    assert workspace.failed(result) == {"role_id[teacher-bos]", "role_id[student-bos]"}
+    result.stdout.fnmatch_lines(["*BOS of tokenizer 'teacher'*", "*expected: no BOS token", "*found:    id 1 ('<|im_start|>')"])

@@ -35,10 +35,12 @@ def check_special_id(c: TokensContract, token: SpecialToken, name: str, kd_token
 
 def check_role_id(c: TokensContract, role: str, name: str, kd_tokenizers) -> None:
     tok = kd_tokenizers[name]
-    token = next(t for t in c.special_tokens if role in t.roles)
+    token = next((t for t in c.special_tokens if role in t.roles), None)  # None: the contract says there is no such token
     found = getattr(tok.transformers, f"{role}_token_id")
-    if found != token.ids.get(name):
-        fail(c.name, f"{role.upper()} of {_where(tok)}", f"{token.text!r} = id {token.ids.get(name)}", f"id {found} ({getattr(tok.transformers, f'{role}_token')!r})")
+    expected = token.ids.get(name) if token else None
+    if found != expected:
+        fail(c.name, f"{role.upper()} of {_where(tok)}", f"{token.text!r} = id {expected}" if token else f"no {role.upper()} token",
+             f"id {found} ({getattr(tok.transformers, f'{role}_token')!r})")
 
 
 # --- 2. single tokens --------------------------------------------------------------------
