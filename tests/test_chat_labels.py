@@ -33,3 +33,27 @@ def test_a_token_straddling_a_span_edge_is_supervised():
     # Offsets (0,4) and (4,8); the span starts at 3: the first token overlaps it.
     assert supervised_labels([10, 11], [(0, 4), (4, 8)], [(3, 8)]) == [10, 11]
     assert supervised_labels([10, 11], [(0, 4), (4, 8)], [(4, 8)]) == [IGNORE_INDEX, 11]
+
+
+def test_another_template_is_followed_and_one_that_cannot_be_aligned_is_refused(tmp_path):
+    """A Zephyr template renders its own headers and closes turns with </s>; a template that trims
+    content, or does not close an assistant turn with the EOS, is an error naming the tokenizer."""
+    import pytest
+    from transformers import AutoTokenizer
+
+    from kdtrain.errors import DataError
+    from tiny_family import build_tokenizer
+
+    tok = AutoTokenizer.from_pretrained(build_tokenizer(tmp_path / "tok"))
+    rendered = ChatFormat.of(tok).render(MESSAGES)
+    assert [rendered.text[s:e] for s, e in rendered.message_spans] == [m.content for m in MESSAGES]
+    answers = [m.content for m in MESSAGES if m.role == "assistant"]
+    assert [rendered.text[s:e] for s, e in rendered.supervised_spans] == [a + "</s>" for a in answers]
+    assert rendered.text.startswith("<|user|>\nWeather in Paris?</s>\n")
+
+    tok.chat_template = "{% for m in messages %}<|{{ m.role }}|>{{ m.content | trim }}</s>{% endfor %}"
+    with pytest.raises(DataError, match="message 0 \\(user\\) content verbatim"):
+        ChatFormat.of(tok).render([Message("user", " padded "), Message("assistant", "ok")])
+    tok.chat_template = "{% for m in messages %}<|{{ m.role }}|>{{ m.content }}\n{% endfor %}"
+    with pytest.raises(DataError, match="assistant message 1 closed by the EOS '</s>'"):
+        ChatFormat.of(tok).render([Message("user", "hi"), Message("assistant", "ok")])
