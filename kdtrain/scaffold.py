@@ -31,8 +31,6 @@ log = logging.getLogger("kdtrain.init")
 REFERENCE = Path(__file__).resolve().parents[1]  # the reference project: contracts/ and configs/ (an editable install)
 COPIED = ("export_lint.yaml", "precision_islands.yaml", "tool_registry.json")
 SMALL_STUDENT = 20_000_000  # parameters: below this the package's fixed part keeps INT8/FP16 above the reference's 0.6
-TAG_ROLES = {"<think>": ("thinking", True), "</think>": ("thinking", True), "<tool_call>": ("tool_call", True),
-             "</tool_call>": ("tool_call", True), "<tool_response>": ("tool_response", False), "</tool_response>": ("tool_response", False)}
 ROLE_ORDER = ("bos", "eos", "pad", "unk")
 GOLDEN_MESSAGES = (("system", "You are a helpful assistant with tools."), ("user", "What's the weather in Paris?"))
 
@@ -126,11 +124,10 @@ def _tokens_contract(folder, chat) -> dict:
             texts.setdefault(text, []).append(role)
     special = [{"text": text, "roles": roles, "supervised": "eos" in roles,
                 "ids": {name: tok.token_to_id(text) for name, tok in toks.items()}} for text, roles in texts.items()]
-    special += [{"text": tag, "roles": [role], "supervised": supervised,
-                 "ids": {name: tok.token_to_id(tag) for name, tok in toks.items()}} for tag, (role, supervised) in TAG_ROLES.items()]
     from kdcontracts.models.tokens import Message
 
     reference = json.loads((REFERENCE / "contracts/tokens.json").read_text(encoding="utf-8"))
+    special += [dict(tag, ids={name: tok.token_to_id(tag["text"]) for name, tok in toks.items()}) for tag in _reference_tags(reference)]
     think = chat.render([Message("user", "What is 17*23?"),
                          Message("assistant", "<think>The user asks for 17*23. 17*20=340, 17*3=51, so 391.</think>17 × 23 = 391.")]).text
     prompts = [{"name": "think_then_answer", "text": think}]
@@ -233,11 +230,16 @@ def _quant_recipe(c, vocab: int) -> str:
     return text.replace("  size_ratio_max: 0.6\n", bound)
 
 
+def _reference_tags(reference: dict) -> list[dict]:
+    """The tags the reference tokens.json adds (teacher id null), with their roles and supervision."""
+    return [t for t in reference["special_tokens"] if t["ids"]["teacher"] is None]
+
+
 def _tags_only() -> dict:
     """A stand-in tokens.json for the tokenizers stage, which reads only the tags to add (teacher id
     null) from it; replaced by the real one once the tokenizers are written."""
     reference = json.loads((REFERENCE / "contracts/tokens.json").read_text(encoding="utf-8"))
-    tags = [dict(t, ids={"teacher": None, "student": 0, "runtime": 0}) for t in reference["special_tokens"] if t["text"] in TAG_ROLES]
+    tags = [dict(t, ids={"teacher": None, "student": 0, "runtime": 0}) for t in _reference_tags(reference)]
     fake = [{"text": f"<{role}>", "roles": [role], "supervised": False, "ids": {"teacher": 0, "student": 0, "runtime": 0}}
             for role in ("bos", "eos", "pad")]
     return dict(copy.deepcopy(reference), special_tokens=fake + tags)

@@ -77,10 +77,8 @@ def _api_teacher(config, folder):
 
 
 def stage_teacher(ctx: StageContext) -> None:
-    from kdtrain.train.config import load_config
-
     folder = ctx.folder
-    config = load_config(ctx.distill_config)
+    config = ctx.config
     settings = config.teacher.settings()
     requests, tokenizer = teacher_requests(folder, settings)
     api = config.teacher.backend == "openai"

@@ -22,7 +22,6 @@ from kdtrain import atomic
 from kdtrain.artifact_table import (ABLATIONS_PLOT, ABLATIONS_RESULTS, ABLATIONS_RUNS, DATA_CORPUS, DISTILL_REPORT, DISTILL_RUN,
                                     STUDENT_CHECKPOINT, STUDENT_DISTILLED, TEACHER_CACHE)
 from kdtrain.stage import StageContext
-from kdtrain.train.config import load_config
 from kdtrain.train.loop import PLOT, Distiller
 
 log = logging.getLogger("kdtrain.train")
@@ -30,7 +29,7 @@ log = logging.getLogger("kdtrain.train")
 
 def stage_distill(ctx: StageContext) -> None:
     folder = ctx.folder
-    config = load_config(ctx.distill_config)
+    config = ctx.config
     initial = f"{STUDENT_CHECKPOINT.name} sha256:{folder.entry(STUDENT_CHECKPOINT).sha256}"
     with atomic.directory(folder.root / DISTILL_RUN.path) as run:
         distiller = Distiller(config, run, artifacts=folder.root)
@@ -74,7 +73,7 @@ def stage_ablations(ctx: StageContext) -> None:
         log.warning("stage ablations: nothing to run, %s has no ablations.yaml (the protocol and its baselines)", ctx.contracts)
         return
     protocol = ctx.contract("ablations.yaml").protocol
-    base = load_config(ctx.distill_config)
+    base = ctx.config
     with atomic.directory(folder.root / ABLATIONS_RUNS.path) as runs:
         results = run_ablations(base, folder.root, runs, protocol)
     atomic.write_json(folder.root / ABLATIONS_RESULTS.path, results)
