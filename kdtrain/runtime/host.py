@@ -30,6 +30,15 @@ class Host:
         self.session, self.length, self.pad_id = session, length, pad_id
 
     def prefill(self, prompt: list[int]) -> tuple[HostState, np.ndarray]:
+        state, out = self.run_prefill(prompt)
+        return state, out["logits"]
+
+    def decode_step(self, state: HostState, token: int) -> tuple[HostState, np.ndarray]:
+        state, out = self.run_decode(state, token)
+        return state, out["logits"]
+
+    def run_prefill(self, prompt: list[int]) -> tuple[HostState, dict[str, np.ndarray]]:
+        """Like :meth:`prefill`, with every output of the last real position: ``logits`` [V] and ``halt`` (a float)."""
         if not 0 < len(prompt) <= self.length:
             raise ContextFull(f"prefill: expected 1..{self.length} prompt tokens, found {len(prompt)}")
         ids = np.full((1, self.length), self.pad_id, dtype=np.int32)
@@ -38,14 +47,21 @@ class Host:
         mask[0, : len(prompt)] = 1
         cache = self.session.new_state()
         out = self.session.predict("prefill", {"input_ids": ids, "attention_mask": mask}, cache)
-        return HostState(len(prompt), cache), out["logits"][0].astype(np.float32)
+        return HostState(len(prompt), cache), _outputs(out)
 
-    def decode_step(self, state: HostState, token: int) -> tuple[HostState, np.ndarray]:
+    def run_decode(self, state: HostState, token: int) -> tuple[HostState, dict[str, np.ndarray]]:
         if state.position >= self.length:
             raise ContextFull(f"decode_step: the context is full ({self.length} tokens)")
         inputs = {"input_ids": np.array([[token]], dtype=np.int32), "position": np.array([state.position], dtype=np.int32)}
         out = self.session.predict("decode", inputs, state.cache)
-        return HostState(state.position + 1, state.cache), out["logits"][0].astype(np.float32)
+        return HostState(state.position + 1, state.cache), _outputs(out)
+
+
+def _outputs(out: dict) -> dict:
+    found = {"logits": np.asarray(out["logits"])[0].astype(np.float32)}
+    if "halt" in out:
+        found["halt"] = float(np.asarray(out["halt"]).reshape(-1)[0])
+    return found
 
 
 def check_host_api(artifacts, expected: str = HOST_API_VERSION) -> str:
