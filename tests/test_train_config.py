@@ -44,6 +44,8 @@ def test_reference_config_loads():
     assert [stage.name for stage in config.curriculum] == ["imitate", "tools", "latent"]
     assert config.losses.intermediate_layers == ((0, 0), (1, 14), (2, 29))
     assert config.fingerprint().startswith("sha256:") and len(config.fingerprint()) == 7 + 64
+    assert [stage.on_policy for stage in config.curriculum] == [0.0, 0.0, 0.25] and config.on_policy.max_new_tokens == 48
+    assert config.telemetry.length_collapse == 0.4 and config.telemetry.prompts == 8 and not config.telemetry.override
     with pytest.raises(Exception):
         config.optim = None  # frozen
 
@@ -79,6 +81,17 @@ def test_reference_config_loads():
     ("curriculum.0.scale", {"lenght": 1.0}, "curriculum[0].scale.lenght", "'kl', 'ce',", "'lenght'"),
     ("losses", {"intermediate": 0.05, "intermediate_layers": []}, "losses.intermediate_layers", "[student_layer, teacher_layer] pairs since intermediate > 0", "[]"),
     ("resume.allow_changes", ["optim.lrr"], "resume.allow_changes[0]", "a key path of this configuration", "'optim.lrr'"),
+    ("curriculum.2.on_policy", 1.5, "curriculum[2].on_policy", "less than or equal to 1", "1.5"),
+    ("teacher", {"backend": "openai", "name": "t", "version": "v1", "mode": "generate", "source": {"format": "transformers", "path": "tok"},
+                 "openai": {"base_url": "http://127.0.0.1:8000/v1", "model": "m"}},
+     "curriculum[2].on_policy", "0 since teacher.backend is openai (the student's answers are scored by the teacher, and an API "
+     "teacher cannot score given text)", "0.25"),
+    ("curriculum.2.scale", {"kl": 0.0}, "curriculum[2].on_policy", "0 since the stage's kl weight is 0", "0.25"),
+    ("on_policy.max_new_tokens", 0, "on_policy.max_new_tokens", "greater than or equal to 1", "0"),
+    ("telemetry.prompts", 0, "telemetry.prompts", "greater than or equal to 1", "0"),
+    ("telemetry.halt_threshold", 1.0, "telemetry.halt_threshold", "less than 1", "1.0"),
+    ("telemetry.length_collapse", 0, "telemetry.length_collapse", "greater than 0", "0"),
+    ("telemetry.colapse", 0.4, "telemetry.colapse", "one of the keys early_halt, halt_threshold, length_collapse,", "unknown key 'colapse'"),
 ])
 def test_bad_value_names_file_key_expected_found(tmp_path, key, value, where, expected, found):
     path = write(tmp_path, edited(reference_data(), key, value))
@@ -176,6 +189,27 @@ def test_loss_weights_follow_the_curriculum():
     assert set(config.loss_weights(0)) == set(LOSS_NAMES)
     no_curriculum = DistillConfig.model_validate(dict(reference_data(), curriculum=[]))
     assert no_curriculum.loss_weights(5) == {name: getattr(config.losses, name) for name in LOSS_NAMES}
+
+
+def test_stages_end_at_their_until_step_and_the_last_with_the_run(tmp_path):
+    data = reference_data()  # stages until 8, 16, 24
+    assert load_config(write(tmp_path, data)).stage_ends() == {8: "imitate", 16: "tools", 24: "latent"}
+    assert load_config(write(tmp_path, edited(data, "optim.steps", 30))).stage_ends() == {8: "imitate", 16: "tools", 30: "latent"}
+    assert load_config(write(tmp_path, edited(data, "optim.steps", 12))).stage_ends() == {8: "imitate", 12: "tools"}
+    assert load_config(write(tmp_path, edited(data, "curriculum", []))).stage_ends() == {}
+
+
+def test_configs_without_on_policy_steps_or_telemetry_keep_their_fingerprint(tmp_path):
+    """The keys added for them are left out of the canonical form while off: earlier checkpoints still resume."""
+    data = reference_data()
+    del data["telemetry"], data["on_policy"], data["curriculum"][2]["on_policy"]
+    plain = load_config(write(tmp_path, data, "plain.yaml"))
+    assert not {"telemetry", "on_policy"} & set(plain.canonical())
+    assert all("on_policy" not in stage for stage in plain.canonical()["curriculum"])
+    explicit = edited(edited(reference_data(), "curriculum.2.on_policy", 0.0), "telemetry", None)
+    assert load_config(write(tmp_path, explicit, "explicit.yaml")).fingerprint() == plain.fingerprint()
+    assert load_config(write(tmp_path, edited(data, "telemetry", {}), "on.yaml")).fingerprint() != plain.fingerprint()
+    assert load_config(write(tmp_path, edited(data, "on_policy", {"max_new_tokens": 8}), "bound.yaml")).fingerprint() != plain.fingerprint()
 
 
 def test_lr_scale_warms_up_then_follows_the_schedule():

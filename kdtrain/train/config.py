@@ -76,6 +76,9 @@ class Stage(_Section):
     name: str = Field(min_length=1)
     until_step: Count
     scale: dict[LossName, Weight] = {}  # loss -> multiplier of its base weight; absent = 1.0
+    # Share of the stage's steps trained on the student's own answers, scored by the teacher
+    # (GKD's lmbda; kdtrain.train.on_policy). Each step draws from (optim.seed, step).
+    on_policy: float = Field(0.0, ge=0, le=1)
 
 
 class Data(_Section):
@@ -228,6 +231,23 @@ class Balance(_Section):
     override: bool = False  # start even when the smoke run alerts (logged as an override)
 
 
+class OnPolicy(_Section):
+    """How the student answers in an on-policy step (a stage's ``on_policy`` share of steps)."""
+
+    max_new_tokens: Count = 48  # the answer is cut here (the teacher still scores what was written)
+
+
+class Telemetry(_Section):
+    """Per-stage measurements on held-out prompts and the alerts that stop a run (kdtrain.train.telemetry)."""
+
+    prompts: Count = 8  # the first N good examples of data.halt_set
+    max_new_tokens: Count = 48  # greedy answers, student's and teacher's, are cut here
+    halt_threshold: float = Field(0.5, gt=0, lt=1)  # the halt head "fires" at P(halt) >= this
+    length_collapse: float = Field(0.4, gt=0, le=1)  # alert: length / teacher's fell by more than this since the previous stage
+    early_halt: float = Field(0.25, ge=0, le=1)  # alert: the head fires before the labelled stop on more than this share
+    override: bool = False  # continue despite an alert (logged, recorded in curriculum.json)
+
+
 class Checkpoint(_Section):
     every_n_steps: Count = 100
     keep_last: Count = 3
@@ -266,6 +286,8 @@ class DistillConfig(_Section):
     checkpoint: Checkpoint = Checkpoint()
     budgets: Budgets = Budgets()
     resume: Resume = Resume()
+    on_policy: OnPolicy = OnPolicy()
+    telemetry: Telemetry | None = None  # None: no per-stage telemetry
     _file: Path | None = PrivateAttr(None)  # the YAML it was read from, for messages; not part of the fingerprint
 
     @field_validator("curriculum")
@@ -277,6 +299,17 @@ class DistillConfig(_Section):
             if i and stage.until_step <= stages[i - 1].until_step:
                 raise _invalid((i, "until_step"), f"more than the previous stage's ({stages[i - 1].until_step})", stage.until_step)
         return stages
+
+    @model_validator(mode="after")
+    def _on_policy_needs_a_scoring_teacher(self) -> "DistillConfig":
+        for i, stage in enumerate(self.curriculum):
+            if stage.on_policy > 0 and self.teacher.backend != "local":
+                raise _invalid(("curriculum", i, "on_policy"), f"0 since teacher.backend is {self.teacher.backend} (the student's "
+                               "answers are scored by the teacher, and an API teacher cannot score given text)", stage.on_policy)
+            if stage.on_policy > 0 and self.losses.kl * stage.scale.get("kl", 1.0) == 0:
+                raise _invalid(("curriculum", i, "on_policy"), "0 since the stage's kl weight is 0 (an on-policy step "
+                               "trains the KL term alone)", stage.on_policy)
+        return self
 
     @model_validator(mode="after")
     def _allow_changes_name_keys(self) -> "DistillConfig":
@@ -292,15 +325,41 @@ class DistillConfig(_Section):
         return str(self._file) if self._file else "the distill config"
 
     def canonical(self) -> dict[str, Any]:
-        """The JSON form that the fingerprint hashes and checkpoints store."""
-        return self.model_dump(mode="json")
+        """The JSON form that the fingerprint hashes and checkpoints store.
+
+        Keys added after runs were fingerprinted (on-policy steps, telemetry) are left out
+        while they are off, so a config that does not use them keeps its fingerprint and its
+        checkpoints still resume."""
+        data = self.model_dump(mode="json")
+        for stage in data["curriculum"]:
+            if stage["on_policy"] == 0:
+                del stage["on_policy"]
+        if not any(s.on_policy for s in self.curriculum) and self.on_policy == OnPolicy():
+            del data["on_policy"]
+        if self.telemetry is None:
+            del data["telemetry"]
+        return data
 
     def fingerprint(self) -> str:
         return fingerprint_of(self.canonical())
 
+    def stage(self, step: int) -> Stage | None:
+        """The curriculum stage holding ``step`` (the last stage runs on past its until_step); None without a curriculum."""
+        return next((s for s in self.curriculum if step < s.until_step), self.curriculum[-1] if self.curriculum else None)
+
+    def stage_ends(self) -> dict[int, str]:
+        """Steps taken when each stage the run reaches is over -> its name; the last one ends with the run (optim.steps)."""
+        ends, start, steps = {}, 0, self.optim.steps
+        for i, stage in enumerate(self.curriculum):
+            if start >= steps:
+                break
+            ends[steps if i == len(self.curriculum) - 1 else min(stage.until_step, steps)] = stage.name
+            start = stage.until_step
+        return ends
+
     def loss_weights(self, step: int) -> dict[str, float]:
         """Each loss's weight at ``step``: base weight times the scale of the stage holding ``step``."""
-        stage = next((s for s in self.curriculum if step < s.until_step), self.curriculum[-1] if self.curriculum else None)
+        stage = self.stage(step)
         scale = stage.scale if stage else {}
         return {name: getattr(self.losses, name) * scale.get(name, 1.0) for name in LOSS_NAMES}
 
