@@ -38,6 +38,7 @@ FAMILIES: tuple[Family, ...] = (
     Family("tool_registry", "tool_registry.json", "tool_registry.schema.json", "data"),
     Family("distill_data", "distill_data.yaml", "distill_data.schema.json", "data"),
     Family("ablations", "ablations.yaml", "ablations.schema.json", "ablations"),
+    Family("gates", "gates.yaml", "gates.schema.json", "gates"),
 )
 
 

@@ -30,6 +30,9 @@ MIGRATION_AUDIT = Artifact("migration.audit", "migration/audit.json", "audit/voc
 DATA_RAW = Artifact("data.raw", "data/raw", "corpus/jsonl", "data")
 DATA_CORPUS = Artifact("data.corpus", "data/corpus", "corpus/jsonl", "data")
 DATA_VALIDATION_REPORT = Artifact("data.validation_report", "data/validation_report.json", "report/data-validation", "data")
+# Held out from training (disjoint by hash): the halt calibration set and the scenario cases the gates evaluate.
+DATA_HALT_SET = Artifact("data.halt_set", "data/halt_set", "corpus/halt-calibration", "data")
+DATA_SCENARIOS = Artifact("data.scenarios", "data/scenarios", "corpus/scenario-cases", "data")
 
 STUDENT_CHECKPOINT = Artifact("student.checkpoint", "student/checkpoint", "checkpoint/transformers", "student")
 STUDENT_INIT = Artifact("student.init", "student/init.json", "log/student-init", "student")
@@ -41,6 +44,16 @@ TEACHER_BUDGET = Artifact("teacher.budget", "teacher/budget.json", "state/teache
 DISTILL_RUN = Artifact("distill.run", "distill/run", "run/distill", "distill")  # checkpoints, log.jsonl, grad_norms.png
 DISTILL_REPORT = Artifact("distill.report", "distill/report.json", "report/distill", "distill")
 STUDENT_DISTILLED = Artifact("student.distilled", "student/distilled", "checkpoint/transformers", "distill")
+# Per curriculum stage: token sources, length against the teacher's, halt by position, alerts (kdtrain.train.telemetry).
+DISTILL_CURRICULUM = Artifact("distill.curriculum", "distill/run/curriculum.json", "report/curriculum", "distill")
+DISTILL_CURRICULUM_PLOT = Artifact("distill.curriculum_plot", "distill/run/curriculum.png", "plot/curriculum", "distill")
+
+# The gates a checkpoint must pass before a full run (contracts/gates.yaml; kdtrain.gates).
+GATES_HALT = Artifact("gates.halt", "gates/halt.json", "report/halt-calibration", "gates")
+GATES_HALT_PLOTS = Artifact("gates.halt_plots", "gates/halt", "plot/halt-calibration", "gates")  # roc, reliability, lengths
+GATES_SCENARIOS = Artifact("gates.scenarios", "gates/scenarios.json", "report/scenario-evals", "gates")
+GATES_SCENARIOS_PLOT = Artifact("gates.scenarios_plot", "gates/scenarios.png", "plot/scenario-evals", "gates")
+GATES_VERDICT = Artifact("gates.verdict", "gates/verdict.json", "verdict/gates", "gates")
 
 ABLATIONS_RUNS = Artifact("ablations.runs", "ablations/runs", "run/ablations", "ablations")
 ABLATIONS_RESULTS = Artifact("ablations.results", "ablations/results.json", "report/ablations", "ablations")
@@ -55,12 +68,13 @@ QUANT_SIZE_ACCURACY_PLOT = Artifact("quant.size_accuracy_plot", "quant/size_accu
 # Every artifact of fixed name, in pipeline order (the families below are per length).
 FIXED: tuple[Artifact, ...] = (
     TOKENIZER_TEACHER, TOKENIZER_STUDENT, TOKENIZER_RUNTIME, MIGRATION_AUDIT,
-    DATA_RAW, DATA_CORPUS, DATA_VALIDATION_REPORT,
+    DATA_RAW, DATA_CORPUS, DATA_VALIDATION_REPORT, DATA_HALT_SET, DATA_SCENARIOS,
     STUDENT_CHECKPOINT, STUDENT_INIT,
     TEACHER_CACHE, TEACHER_REPORT, TEACHER_BUDGET,
-    DISTILL_RUN, DISTILL_REPORT, STUDENT_DISTILLED,
+    DISTILL_RUN, DISTILL_REPORT, STUDENT_DISTILLED, DISTILL_CURRICULUM, DISTILL_CURRICULUM_PLOT,
     ABLATIONS_RUNS, ABLATIONS_RESULTS, ABLATIONS_PLOT,
     QUANT_CALIBRATION, QUANT_ACTIVATION_STATS, QUANT_ACTIVATION_PLOT, QUANT_AB, QUANT_SIZE_ACCURACY_PLOT,
+    GATES_HALT, GATES_HALT_PLOTS, GATES_SCENARIOS, GATES_SCENARIOS_PLOT, GATES_VERDICT,
 )
 
 # The stage that writes each precision's mlpackages.

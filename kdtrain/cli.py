@@ -18,6 +18,7 @@ def _pipeline(args: argparse.Namespace) -> int:
 
 
 def _distill(args: argparse.Namespace) -> int:
+    from kdtrain.gates.verdict import unlock
     from kdtrain.train.config import load_config
     from kdtrain.train.loop import Distiller
     from kdtrain.train.world import World
@@ -27,7 +28,8 @@ def _distill(args: argparse.Namespace) -> int:
     if not world.main:  # every rank logs the same lines; rank 0 speaks for them
         logging.getLogger("kdtrain").setLevel(logging.WARNING)
     distiller = Distiller(config, args.run_dir, artifacts=args.artifacts, world=world)
-    distiller.setup(override_balance=args.override_balance)
+    distiller.setup(override_balance=args.override_balance, override_alerts=args.override_alerts,
+                    unlock=lambda: unlock(config, distiller.artifacts, args.verdict, args.skip_gate))
     result = distiller.train(stop_after=args.steps)
     distiller.cleanup()
     if world.main:
@@ -175,12 +177,23 @@ def build_parser() -> argparse.ArgumentParser:
     pipeline.set_defaults(func=_pipeline)
     distill = sub.add_parser("distill", help="distil the student from the cached teacher targets (resumes a run folder)")
     distill.add_argument("--config", required=True, help="DistillConfig YAML (configs/distill_reference.yaml)")
-    distill.add_argument("--run-dir", required=True, help="run folder: checkpoints, log.jsonl, smoke.json, grad_norms.png")
+    distill.add_argument("--run-dir", required=True,
+                         help="run folder: checkpoints, log.jsonl, smoke.json, grad_norms.png, curriculum.json/.png")
     distill.add_argument("--artifacts", help="artifacts folder with the corpus, teacher cache and student (default: data.artifacts)")
     distill.add_argument("--steps", type=int, help="stop after this many more steps (default: to optim.steps)")
     distill.add_argument("--override-balance", action="store_true",
                          help="start even if the smoke run's balance check fails (logged)")
+    distill.add_argument("--override-alerts", action="store_true",
+                         help="continue past the curriculum telemetry's alerts (length collapse, early halts; logged, recorded)")
+    distill.add_argument("--verdict", help="the mini pipeline's gate verdict (default: gates/verdict.json in the artifacts folder); "
+                                           "a fresh run starts only on a passing verdict for its configuration, data, teacher and student")
+    distill.add_argument("--skip-gate", action="store_true",
+                         help="start without a passing verdict (logged, and recorded in every checkpoint of the run)")
     distill.set_defaults(func=_distill)
+    evaluate = sub.add_parser("evaluate", help="the checkpoint gates (contracts/gates.yaml): halt calibration, curriculum, "
+                                               "scenario evals; writes gates/verdict.json (same as pipeline --stages gates)")
+    _add_stage_arguments(evaluate)
+    evaluate.set_defaults(func=_pipeline, stages="gates")
     for stage in ("export", "convert", "quantize"):
         one = sub.add_parser(stage, help=f"run the {stage} stage alone (same as pipeline --stages {stage})")
         _add_stage_arguments(one)

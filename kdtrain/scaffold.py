@@ -9,8 +9,11 @@ What does not (the linter's rules, the precision islands and the quant recipe, w
 the export-friendly student's modules, the same for every student; the tool registry) is the
 reference project's, copied with a note saying where it came from.
 
-No ``ablations.yaml``: its baselines come from a run you trust, so a new project starts
-without it and the pipeline's ablations stage says it has nothing to run.
+No ``ablations.yaml`` and no ``gates.yaml``: their baselines and bounds come from a run you
+trust, so a new project starts without them; the ablations and gates stages say they have
+nothing to run, the data stage holds out no gate data, the curriculum telemetry is off (it
+measures on the held-out set), and a full ``kdtrain distill`` needs ``--skip-gate`` until a
+``gates.yaml`` and a passing ``kdtrain evaluate`` exist.
 """
 
 from __future__ import annotations
@@ -102,6 +105,8 @@ def _distill_config(options: InitOptions, source: dict, student: dict, name: str
     stages = config["curriculum"]
     for i, stage in enumerate(stages):  # the reference's three stages, spread over the run
         stage["until_step"] = max(i + 1, round(options.steps * (i + 1) / len(stages)))
+        if options.api:  # on-policy answers need a teacher that scores given text
+            stage.pop("on_policy", None)
     config["optim"]["warmup_steps"] = min(config["optim"]["warmup_steps"], options.steps)
     config["balance"]["smoke_steps"] = min(config["balance"]["smoke_steps"], options.steps)
     config["checkpoint"]["every_n_steps"] = max(1, options.steps // 3)

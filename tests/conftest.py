@@ -106,6 +106,12 @@ def test_contracts(tmp_path_factory) -> Path:
     ablations = yaml.safe_load((folder / "ablations.yaml").read_text())
     ablations["protocol"] = TEST_ABLATIONS
     (folder / "ablations.yaml").write_text(yaml.safe_dump(ablations))
+    gates = yaml.safe_load((folder / "gates.yaml").read_text())
+    gates["halt"]["calibration_set"]["bases_per_scenario"] = TEST_GATES["bases_per_scenario"]
+    gates["scenarios"].update({k: v for k, v in TEST_GATES.items() if k != "bases_per_scenario"})
+    # Two steps of halt loss (TEST_DISTILL) rank stops at AUC 0.82 on this build; 24 rank them at 0.90.
+    gates["halt"]["bounds"]["auc"]["min"] = 0.7
+    (folder / "gates.yaml").write_text(yaml.safe_dump(gates))
     return folder
 
 
@@ -114,11 +120,23 @@ def test_contracts(tmp_path_factory) -> Path:
 TEST_DISTILL = {
     "data.batch_size": 2, "data.max_length": 200, "optim.steps": 3, "optim.warmup_steps": 1,
     "balance.every_n_steps": 2, "balance.window": 1, "balance.smoke_steps": 1, "checkpoint.every_n_steps": 2,
-    "curriculum": [{"name": "imitate", "until_step": 2, "scale": {"halt": 0.0}},
+    "curriculum": [{"name": "imitate", "until_step": 2},
                    {"name": "latent", "until_step": 3, "scale": {"length": 0.0}}],
+    "telemetry": None,  # a distill test that measures it says so (tests/test_curriculum_telemetry.py)
+}
+# The reference build's run adds what the gates judge: telemetry at both stage ends and one
+# on-policy step, on few prompts and tokens.
+TEST_REFERENCE_RUN = {
+    "curriculum": [{"name": "imitate", "until_step": 2},
+                   {"name": "latent", "until_step": 3, "scale": {"length": 0.0}, "on_policy": 1.0}],
+    "telemetry": {"prompts": 2, "max_new_tokens": 8}, "on_policy.max_new_tokens": 8,
 }
 # The ablation protocol cut down the same way (the demo runs contracts/ablations.yaml's).
 TEST_ABLATIONS = {"slice": 4, "steps": 2, "samples": 1, "sample_tokens": 6}
+# The gates' held-out data and generation cut down too: the teacher decodes every scenario
+# case on two cores. The reference sizes (315 calibration examples, ten cases per scenario)
+# are pinned by tests/test_halt_set.py and tests/test_scenario_cases.py.
+TEST_GATES = {"bases_per_scenario": 3, "cases_per_scenario": 2, "max_new_tokens": 24, "max_rounds": 3}  # two calls, then the answer
 
 
 def distill_config_data(artifacts: Path | str, **changes) -> dict:
@@ -163,7 +181,7 @@ def _build_reference(root: Path, contracts: Path) -> Path:
     from kdtrain.pipeline import run_pipeline
 
     out = root / "artifacts"
-    run_pipeline(out, contracts=contracts, distill_config=write_distill_config(root / "distill.yaml", out))
+    run_pipeline(out, contracts=contracts, distill_config=write_distill_config(root / "distill.yaml", out, **TEST_REFERENCE_RUN))
     return out
 
 

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import random
-import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -14,8 +12,6 @@ import torch
 from kdtrain.gates.halt import HaltRecord, halt_metrics, plot_halt, score_halt_set
 from kdtrain.errors import DataError
 
-REPO = Path(__file__).resolve().parents[1]
-ARTIFACTS = REPO / "artifacts"
 LONGER = 9  # tokens an over_long completion runs past its stop
 
 
@@ -134,22 +130,17 @@ def test_plots_are_three_pngs(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def reference():
-    if not (ARTIFACTS / "manifest.json").is_file():
-        pytest.skip(f"no reference artifacts at {ARTIFACTS} (build them with `kdtrain pipeline --out artifacts`)")
-    from kdcontracts.families import load
-    from kdtrain.artifact_table import DATA_CORPUS, STUDENT_DISTILLED
+def reference(reference_artifacts):
+    """The test build's distilled student, its tokenizer and the halt set its data stage held out."""
+    from kdtrain.artifact_table import DATA_HALT_SET, STUDENT_DISTILLED
     from kdtrain.artifacts import ArtifactsFolder
-    from kdtrain.data.corpus import Corpus
-    from kdtrain.data.halt_set import build_halt_set, overlap
+    from kdtrain.data.halt_set import HaltSet
     from kdtrain.student.model import StudentLM
     from kdtrain.tokenizers.load import load_tokenizer
 
-    folder = ArtifactsFolder.open(ARTIFACTS)
-    training = Corpus.load(folder.path(DATA_CORPUS))  # what the reference student was trained on
-    halt_set = build_halt_set(load(REPO / "contracts/tool_registry.json"), training, 15, 20261130)
-    assert overlap(halt_set, training) == []
-    return StudentLM.from_pretrained(folder.path(STUDENT_DISTILLED)), load_tokenizer(folder, "student"), halt_set
+    folder = ArtifactsFolder.open(reference_artifacts)
+    return (StudentLM.from_pretrained(folder.path(STUDENT_DISTILLED)), load_tokenizer(folder, "student"),
+            HaltSet.load(folder.path(DATA_HALT_SET)))
 
 
 def test_packed_scores_are_the_students_own_forward(reference):
@@ -178,19 +169,3 @@ def test_packed_scores_are_the_students_own_forward(reference):
             assert stop_token[0] < start + example.stop_char <= stop_token[1], example.id
     by_kind = {r.kind: r for r in records if r.id.startswith(examples[0].base + "/")}
     assert by_kind["good"].stop == len(by_kind["good"].halt) - 1 == by_kind["over_long"].stop
-
-
-def test_reference_student_on_the_halt_set(reference, tmp_path, capsys):
-    student, tokenizer, halt_set = reference
-    started = time.perf_counter()
-    records = score_halt_set(student, tokenizer, halt_set.examples)
-    seconds = time.perf_counter() - started
-    metrics = halt_metrics(records, threshold=0.5, tolerance=2)
-    plot_halt(records, metrics, tmp_path)
-    summary = {k: metrics[k] for k in ("auc", "ece", "early_stop_rate", "late_stop_rate", "length_ratio", "positives", "negatives")}
-    with capsys.disabled():
-        print(f"\nreference student on {len(records)} held-out halt examples, scored in {seconds:.1f} s: {json.dumps(summary)}")
-    assert [r.id for r in records] == [e.id for e in halt_set.examples]
-    assert all(0.0 <= p <= 1.0 for r in records for p in r.halt)
-    assert metrics["positives"] == 2 * 7 * 15
-    assert metrics["auc"] > 0.5, "the reference student's halt head ranks stops no better than chance"

@@ -1,13 +1,12 @@
 """The scenario evaluations (kdtrain.gates.scenarios) with scripted generators: a replay of the
 references scores 1.0 everywhere; each planted fault (broken JSON, wrong types, unknown
 parameters, a bad program, an answer that does not stop, an unused result) fails its metric and
-only where it should; the per-case records recompute the rates. Then, marked slow, the real
-teacher, distilled student and baseline on a few cases."""
+only where it should; the per-case records recompute the rates. The real teacher, distilled
+student and baseline run in the gates stage of every reference build (tests/test_gates.py)."""
 
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -212,32 +211,3 @@ def test_a_model_that_never_stops_calling_ends_at_max_rounds(cases):
     assert all(len(r["turns"]) == 3 and not r["final"]["answered"] for r in results["cases"])
     assert all(not any(r["metrics"].values()) for r in results["cases"] if r["scenario"] != "tool_chain")
     assert [len(rounds) for rounds in [results["timing"]["caller"]["rounds"]]] == [3]
-
-
-ARTIFACTS = ROOT / "artifacts"
-
-
-@pytest.mark.slow
-@pytest.mark.skipif(not (ARTIFACTS / "student" / "distilled").is_dir(), reason="needs the reference artifacts (make artifacts)")
-def test_the_real_teacher_student_and_baseline(capsys):
-    from kdtrain.artifacts import ArtifactsFolder
-    from kdtrain.data.corpus import Corpus
-    from kdtrain.runtime.generate import StudentGenerator, teacher_generator
-    from kdtrain.student.model import StudentLM
-    from kdtrain.tokenizers.load import load_tokenizer
-    from kdtrain.train.config import load_config
-
-    folder = ArtifactsFolder.open(ARTIFACTS)
-    cases = build_scenario_cases(REGISTRY, Corpus.load(ARTIFACTS / "data" / "corpus"), 2, 20261130)
-    tokenizer = load_tokenizer(folder, "student")
-    generators = {"teacher": teacher_generator(load_config(ROOT / "configs" / "distill_reference.yaml"), folder),
-                  "student": StudentGenerator(StudentLM.from_pretrained(ARTIFACTS / "student" / "distilled"), tokenizer, "student"),
-                  "baseline": StudentGenerator(StudentLM.from_pretrained(ARTIFACTS / "student" / "checkpoint"), tokenizer, "baseline")}
-    start = time.perf_counter()
-    results = evaluate_scenarios(cases, generators, REGISTRY, max_new_tokens=48, max_rounds=3, progress=False)
-    seconds = time.perf_counter() - start
-    assert rates_from_cases(json.loads(json.dumps(results))["cases"]) == results["scenarios"]
-    assert len(results["cases"]) == 3 * 8 and all(0.0 <= v <= 1.0 for s in results["scenarios"].values() for m in s.values() for v in m.values())
-    with capsys.disabled():
-        print(f"\n{scenario_table(results)}\n{seconds:.1f} s in all; per model: "
-              + ", ".join(f"{m} {t['seconds']:.1f} s (rounds {[(r['cases'], r['seconds']) for r in t['rounds']]})" for m, t in results["timing"].items()))

@@ -46,10 +46,13 @@ def test_ini_option_collects_the_contracts_when_no_paths_are_given(pytester, tes
 
 def test_xdist_gives_the_same_verdicts_and_summary(workspace):
     workspace.edit_json("tokenizers/runtime/tokenizer.json", lambda t: t["added_tokens"].pop())  # a planted fault
-    selection = ("-k", "tokens.json or tool_registry or quant_recipe", "-q")
+    # Cheap families, one of them (gates) reporting figures for the summary from its workers.
+    selection = ("-k", "tokens.json or tool_registry or gates.yaml", "-q")
     serial, parallel = workspace.run(*selection), workspace.run(*selection, "-n", "2")
     assert workspace.failed(serial) and workspace.failed(parallel) == workspace.failed(serial)
     # xdist deselects in its workers, so only the serial run counts the deselected items
     assert {k: v for k, v in serial.parseoutcomes().items() if k != "deselected"} == parallel.parseoutcomes()
     summary = [line for line in serial.outlines if line.startswith(("passed ", "FAILED ", "contracts: "))]
     assert summary and all(line in parallel.outlines for line in summary)
+    figures = [line for line in serial.outlines if line.startswith("gate ")]  # reported by items, gathered from the workers
+    assert figures and sorted(figures) == sorted(line for line in parallel.outlines if line.startswith("gate "))

@@ -15,10 +15,10 @@ def _added(data: dict, text: str) -> dict:
 
 def test_reference_artifacts_pass_every_contract(workspace):
     first = workspace.run("--snapshot-update")  # golden/ starts empty in a fresh workspace
-    first.assert_outcomes(passed=171)
+    first.assert_outcomes(passed=184)
     first.stdout.fnmatch_lines(["*7 snapshots generated*"])  # 4 golden vectors, 3 ablation baselines
     result = workspace.run()
-    result.assert_outcomes(passed=171)
+    result.assert_outcomes(passed=184)
     result.stdout.fnmatch_lines([
         "kdcontracts: contracts *contracts",
         "kdcontracts: artifacts *artifacts (from manifest.json)",
@@ -36,6 +36,9 @@ def test_reference_artifacts_pass_every_contract(workspace):
         "passed  distill_data.yaml::corruption_rate *1 passed",
         "passed  distill_data.yaml::teacher_targets *4 passed",
         "passed  export_lint.yaml::lint *4 passed",
+        "passed  gates.yaml::curriculum *1 passed",
+        "passed  gates.yaml::scenario *6 passed",
+        "passed  gates.yaml::verdict *1 passed",
         "passed  precision_islands.yaml::islands *4 passed",
         "passed  quant_recipe.yaml::ab *2 passed",
         "passed  quant_recipe.yaml::conformance *4 passed",
@@ -43,7 +46,7 @@ def test_reference_artifacts_pass_every_contract(workspace):
         "passed  quant_recipe.yaml::recipe_coverage *1 passed",
         "passed  tool_registry.json::corpus_calls *8 passed",
         "quant A/B L=64: INT8/FP16 size 0.5*",
-        "contracts: 171 passed",
+        "contracts: 184 passed",
     ])
 
 

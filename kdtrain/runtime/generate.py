@@ -53,7 +53,7 @@ class StudentGenerator:
     its EOS. ``tests/test_generate.py`` holds it to the host API's own prefill/decode tokens.
     """
 
-    def __init__(self, student, tokenizer, name: str = "student", batch_size: int = 16):
+    def __init__(self, student, tokenizer, name: str = "student", batch_size: int = 64):
         self.name, self.student, self.tokenizer, self.chat = name, student.eval(), tokenizer, ChatFormat.of(tokenizer)
         self.eos_id = tokenizer.token_to_id(tokenizer.eos_token)
         self.batch_size = batch_size
@@ -138,7 +138,7 @@ class LocalModelGenerator:
     """A local transformers causal LM's greedy turns, batched (left padding, ``model.generate``):
     the same answers as the local teacher's generate mode, many at once."""
 
-    def __init__(self, model, tokenizer, name: str = "teacher", batch_size: int = 16):
+    def __init__(self, model, tokenizer, name: str = "teacher", batch_size: int = 64):
         self.name, self.model, self.tokenizer, self.chat = name, model.eval(), tokenizer, ChatFormat.of(tokenizer)
         self.eos_id = tokenizer.token_to_id(tokenizer.eos_token)
         self.batch_size = batch_size

@@ -93,14 +93,16 @@ class TrainState:
     config: dict[str, Any]  # DistillConfig.canonical() of the run that saved it
     fingerprint: str
     history: list[dict[str, Any]] = field(default_factory=list)  # recent steps' losses
+    gate: dict[str, Any] | None = None  # a full run's unlock: the verdict it started on, or its logged override
     folder: Path | None = None  # where it was loaded from
 
     @classmethod
     def capture(cls, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler, config: DistillConfig,
-                data: DataPosition = DataPosition(), budgets: Spent | None = None, history: list | tuple = ()) -> "TrainState":
+                data: DataPosition = DataPosition(), budgets: Spent | None = None, history: list | tuple = (),
+                gate: dict | None = None) -> "TrainState":
         """The state of a run after ``step`` steps, RNGs included (references, not copies: save it now)."""
         return cls(step, model.state_dict(), optimizer.state_dict(), scheduler.state_dict(), capture_rng(), data,
-                   budgets or Spent(), config.canonical(), config.fingerprint(), list(history))
+                   budgets or Spent(), config.canonical(), config.fingerprint(), list(history), gate)
 
     def restore(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler) -> None:
         """Put model, optimizer, scheduler and every RNG back where the saved run was."""
@@ -238,6 +240,7 @@ def save_checkpoint(run_dir: Path | str, state: TrainState) -> Path:
             "scheduler": _encode(state.scheduler, "scheduler", None),
             "budgets": _encode(asdict(state.budgets), "budgets", None),
             "history": _encode(state.history, "history", None),
+            "gate": state.gate,
             "files": {file.name: sha256_path(file) for file in sorted(tmp.iterdir())},
         }
         meta["meta_sha256"] = _meta_sha256(meta)
@@ -311,7 +314,7 @@ def _read(folder: Path, step: int) -> TrainState:
         step=step, model=_load_tensors(folder / "model.safetensors"), optimizer=optimizer,
         scheduler=_decode(meta["scheduler"], {}), rng=RngStates(meta["rng"]["python"], meta["rng"]["numpy"], rng["torch"], cuda),
         data=DataPosition(**meta["data"]), budgets=Spent(**_decode(meta["budgets"], {})), config=meta["config"],
-        fingerprint=meta["fingerprint"], history=_decode(meta["history"], {}), folder=folder,
+        fingerprint=meta["fingerprint"], history=_decode(meta["history"], {}), gate=meta.get("gate"), folder=folder,
     )
 
 

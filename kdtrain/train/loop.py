@@ -6,6 +6,11 @@ A :class:`Distiller` owns one run folder::
     <run>/log.jsonl                  one line per step: losses, weights, lr, grad norms, alerts
     <run>/smoke.json                 the smoke run that gated the start (balance check)
     <run>/grad_norms.png             per-loss gradient norms over steps
+    <run>/curriculum.json, .png      per curriculum stage: token sources, lengths, halt head, alerts
+                                     (kdtrain.train.telemetry; with a ``telemetry`` section)
+
+A stage's ``on_policy`` share of steps trains on the student's own answers
+(kdtrain.train.on_policy).
 
 Starting in a folder that holds a checkpoint resumes from the newest one that verifies,
 after :func:`kdtrain.train.checkpoint.check_resume` has accepted the configuration; the
@@ -24,6 +29,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import nn
@@ -39,6 +45,8 @@ from kdtrain.train.checkpoint import (DataPosition, Spent, TrainState, capture_r
                                       save_checkpoint)
 from kdtrain.train.config import DistillConfig
 from kdtrain.train.data import Batches, TrainingData, load_training_data
+from kdtrain.train.on_policy import TERMS as ON_POLICY_TERMS, OnPolicyBatches, drawn
+from kdtrain.train.telemetry import CurriculumTelemetry, digest, tokens_by_source
 from kdtrain.train.world import World
 
 log = logging.getLogger("kdtrain.train")
@@ -69,12 +77,14 @@ class StepRecord:
     terms: dict[str, float]  # unweighted value of each active term
     weights: dict[str, float]  # active terms' weights at this step
     tokens: int
+    sources: dict[str, int]  # supervised tokens by source: data, teacher (generate-mode targets), student (on-policy)
     eligible_fraction: float  # code-mode eligible share of the batch
     aligned_fraction: float  # supervised positions with a teacher distribution
     data: dict
-    seconds: float  # wall time of the step (collate excluded)
+    seconds: float  # wall time of the step (the data's collate excluded; on-policy: the answers and their scoring included)
     grad_norms: dict[str, float] | None = None  # weighted terms, on measured steps
     alert: DominanceAlert | None = None
+    curriculum: dict | None = None  # on a stage's last step: its telemetry (curriculum.json has the whole summary)
 
     def to_json(self) -> dict:
         return {k: str(v) if k == "alert" else v for k, v in self.__dict__.items() if v is not None}
@@ -100,7 +110,7 @@ class RunResult:
 
 
 def _stage_name(config: DistillConfig, step: int) -> str | None:
-    stage = next((s for s in config.curriculum if step < s.until_step), config.curriculum[-1] if config.curriculum else None)
+    stage = config.stage(step)
     return stage.name if stage else None
 
 
@@ -139,14 +149,20 @@ class Distiller:
         self.loss_config = LossConfig(temperature=config.losses.kl_temperature, kl_direction=config.losses.kl_direction,
                                       length_excess=config.losses.length_excess)
         self._teacher = self._teacher_tokenizer = None  # the live teacher, only for intermediate-layer matching
+        self._on_policy: OnPolicyBatches | None = None
 
     # --- setup ---------------------------------------------------------------------------
 
-    def setup(self, *, gate: bool = True, override_balance: bool = False) -> None:
+    def setup(self, *, gate: bool = True, override_balance: bool = False, override_alerts: bool = False,
+              unlock: Callable[[], dict] | None = None) -> None:
         """Build the trainee, then resume from the newest checkpoint or, fresh, pass the smoke gate.
 
         ``gate=False`` skips the gate (the ablations: their alerts are results to compare,
-        not reasons to stop); ``override_balance`` starts despite its alerts (logged).
+        not reasons to stop); ``override_balance`` starts despite its alerts (logged);
+        ``override_alerts`` continues past the curriculum telemetry's alerts (logged, recorded),
+        one already raised at the step resumed from included. ``unlock`` (a full run's,
+        :func:`kdtrain.gates.verdict.unlock`) is asked before a fresh start; what it returns, the
+        verdict or its logged override, goes into every checkpoint.
         """
         config = self.config
         self.trainee, self.optimizer, self.scheduler = self._build()
@@ -159,7 +175,9 @@ class Distiller:
             self.spent, self.history, position, start = saved.budgets, list(saved.history), saved.data, saved.step
             log.info("resuming %s at step %d (%s)", self.run_dir, start, saved.folder)
             self._cut_log(start)
+            self.gate = saved.gate
         else:
+            self.gate = unlock() if unlock is not None else None
             self._truncate_log()
             if gate:
                 smoke_gate(self, override_balance or config.balance.override)
@@ -171,6 +189,10 @@ class Distiller:
                                DataPosition(position.epoch, self.world.rank, position.position), self.world.rank, self.world.size)
         self.monitor = BalanceMonitor(config.balance.ratio, config.balance.window)
         self.result = RunResult(self.run_dir, start, resumed_from=start if saved is not None else None)
+        self.override_alerts = override_alerts
+        self.telemetry = CurriculumTelemetry.open(config, self.run_dir, self.artifacts, self.data.tokenizer, self.world.main)
+        if self.telemetry is not None:
+            self.telemetry.start(start, override_alerts)
 
     def _build(self) -> tuple[Trainee, torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
         _seed_everything(self.config.optim.seed)
@@ -219,9 +241,11 @@ class Distiller:
     # --- one optimizer step (the run's and the smoke gate's) -------------------------------
 
     def step(self, model: nn.Module, optimizer, scheduler, batch: DistillBatch, indices: list[int], step: int,
-             measure_norms: bool) -> StepOutcome:
-        """Forward, the weighted losses (:func:`kdtrain.losses.weighted_sum`), backward, clip, step."""
-        weights = {n: w for n, w in self.config.loss_weights(step).items() if w > 0}
+             measure_norms: bool, terms: tuple[str, ...] | None = None) -> StepOutcome:
+        """Forward, the weighted losses (:func:`kdtrain.losses.weighted_sum`), backward, clip, step.
+
+        ``terms``: only these of the step's weighted terms (an on-policy step's KL)."""
+        weights = {n: w for n, w in self.config.loss_weights(step).items() if w > 0 and (terms is None or n in terms)}
         if "intermediate" in weights:
             batch = self._teacher_hidden(batch, [self.data.examples[i].request.text for i in indices])
         optimizer.zero_grad(set_to_none=True)
@@ -255,18 +279,21 @@ class Distiller:
         bar = tqdm(range(result.step, end), desc="kdtrain distill", unit="step", disable=not self.progress,
                    initial=result.step, total=config.optim.steps)
         self._clock = time.monotonic()
-        for step in bar:
-            record = self._train_step(step)
-            bar.set_postfix(loss=f"{record.loss:.3f}")
-            self._log_step(record)
-            exhausted = self._spend(record)
-            self._maybe_checkpoint(step + 1, end, exhausted)
-            result.step = step + 1
-            if exhausted:
-                result.stopped = "; ".join(exhausted)
-                log.warning("stopping at step %d: budget reached (%s)", result.step, result.stopped)
-                break
-        bar.close()
+        with bar:
+            for step in bar:
+                record = self._train_step(step)
+                bar.set_postfix(loss=f"{record.loss:.3f}")
+                stage = self._measure_stage(record)
+                self._log_step(record)
+                exhausted = self._spend(record)
+                self._maybe_checkpoint(step + 1, end, bool(exhausted) or stage is not None)
+                result.step = step + 1
+                if stage is not None:  # after the stage's checkpoint and summary
+                    self.telemetry.stop_on_alerts(stage, self.override_alerts)
+                if exhausted:
+                    result.stopped = "; ".join(exhausted)
+                    log.warning("stopping at step %d: budget reached (%s)", result.step, result.stopped)
+                    break
         return result
 
     def cleanup(self) -> None:
@@ -275,17 +302,41 @@ class Distiller:
             self.plot()
 
     def _train_step(self, step: int) -> StepRecord:
+        """One step on the data's batch or, drawn on-policy (kdtrain.train.on_policy), on the student's answers to its prompts.
+
+        An on-policy step is not balance-measured: its one term has no other to be weighed against."""
         taken, indices, batch = self.batches.next()
-        batch = batch.to(self.world.device)
+        on_policy = drawn(self.config, step)
         tick = time.perf_counter()
+        if on_policy:
+            batch = self._on_policy_batches().batch(self.trainee.student, [self.data.examples[i] for i in indices],
+                                                    [self.data.eligible[i] for i in indices])
+        source = "student" if on_policy else "teacher" if self.config.teacher.mode == "generate" else "data"
+        sources = {k: int(self.world.total(float(v))) for k, v in tokens_by_source(batch, source).items()}
+        batch = batch.to(self.world.device)
         out = self.step(self.model, self.optimizer, self.scheduler, batch, indices, step,
-                        measure_norms=self._measured(step))
+                        measure_norms=self._measured(step) and not on_policy, terms=ON_POLICY_TERMS if on_policy else None)
         seconds = time.perf_counter() - tick
         alert = self.monitor.observe(step, out.norms) if out.norms is not None else None
         tokens = int(self.world.total(float(batch.attention_mask.sum())))
-        return StepRecord(step, _stage_name(self.config, step), out.lr, out.loss, out.values, out.weights, tokens,
+        return StepRecord(step, _stage_name(self.config, step), out.lr, out.loss, out.values, out.weights, tokens, sources,
                           eligible_fraction(batch), batch.aligned_fraction, {"epoch": taken.epoch, "position": taken.position},
                           round(seconds, 4), out.norms, alert)
+
+    def _on_policy_batches(self) -> OnPolicyBatches:
+        if self._on_policy is None:  # the teacher is loaded at the first on-policy step, not before
+            self._on_policy = OnPolicyBatches.of(self.config, self.artifacts, self.data.tokenizer)
+        return self._on_policy
+
+    def _measure_stage(self, record: StepRecord) -> dict | None:
+        """At a curriculum stage's end (telemetry on): its summary, a digest of it in the step's record."""
+        if self.telemetry is None:
+            return None
+        records = self.records() + [record.to_json()] if self.world.main else []
+        summary = self.telemetry.measure(record.step + 1, self.trainee.student, records)
+        if summary is not None:
+            record.curriculum = digest(summary)
+        return summary
 
     def _measured(self, step: int) -> bool:
         every = self.config.balance.every_n_steps
@@ -312,11 +363,12 @@ class Distiller:
             self._clock = now
         return self.spent.exhausted(self.config.budgets)
 
-    def _maybe_checkpoint(self, done: int, end: int, exhausted: list[str]) -> None:
-        """Every ``checkpoint.every_n_steps``, at the last step, and when a budget stops the run; rank 0 writes."""
-        if done % self.config.checkpoint.every_n_steps == 0 or done == end or exhausted:
+    def _maybe_checkpoint(self, done: int, end: int, now: bool) -> None:
+        """Every ``checkpoint.every_n_steps``, at the last step, and ``now`` (a budget stops the run, a measured stage
+        ends: a run its alert stops resumes there); rank 0 writes."""
+        if done % self.config.checkpoint.every_n_steps == 0 or done == end or now:
             state = TrainState.capture(done, self.trainee, self.optimizer, self.scheduler, self.config, self.batches.position,
-                                       self.spent, self.history)
+                                       self.spent, self.history, self.gate)
             if self.world.main:
                 save_checkpoint(self.run_dir, state)
 

@@ -19,8 +19,9 @@ import json
 import logging
 
 from kdtrain import atomic
-from kdtrain.artifact_table import (ABLATIONS_PLOT, ABLATIONS_RESULTS, ABLATIONS_RUNS, DATA_CORPUS, DISTILL_REPORT, DISTILL_RUN,
-                                    STUDENT_CHECKPOINT, STUDENT_DISTILLED, TEACHER_CACHE)
+from kdtrain.artifact_table import (ABLATIONS_PLOT, ABLATIONS_RESULTS, ABLATIONS_RUNS, DATA_CORPUS, DISTILL_CURRICULUM,
+                                    DISTILL_CURRICULUM_PLOT, DISTILL_REPORT, DISTILL_RUN, STUDENT_CHECKPOINT, STUDENT_DISTILLED,
+                                    TEACHER_CACHE)
 from kdtrain.stage import StageContext
 from kdtrain.train.loop import PLOT, Distiller
 
@@ -49,10 +50,12 @@ def stage_distill(ctx: StageContext) -> None:
         "code_mode_eligible_fraction": distiller.data.eligible_fraction,
         "final": {"loss": last.get("loss"), "terms": last.get("terms")},
         "alerts": [str(a) for a in result.alerts], "plot": f"{DISTILL_RUN.path}/{PLOT}",
+        "curriculum": _curriculum(folder.root / DISTILL_CURRICULUM.path),
     }
     atomic.write_json(folder.root / DISTILL_REPORT.path, report)
-    for artifact in (DISTILL_RUN, DISTILL_REPORT, STUDENT_DISTILLED):
-        folder.record(artifact)
+    for artifact in (DISTILL_RUN, DISTILL_REPORT, STUDENT_DISTILLED, DISTILL_CURRICULUM, DISTILL_CURRICULUM_PLOT):
+        if (folder.root / artifact.path).exists():  # the curriculum's only with telemetry on
+            folder.record(artifact)
     # What made the distilled student, split in two: the inputs that define it, and the files
     # whose bytes vary with the CPU's float summation order (the teacher cache's FP16 log-probs,
     # the trained weights). Golden snapshots record both and are judged by their values alone.
@@ -60,8 +63,23 @@ def stage_distill(ctx: StageContext) -> None:
     identity = {"initial": initial, "config": config.fingerprint(), DATA_CORPUS.name: f"sha256:{folder.entry(DATA_CORPUS).sha256}",
                 "teacher": f"{teacher['teacher']} {teacher['mode']} top-{teacher['top_k']}", "steps": result.step}
     numerics = {artifact.name: f"sha256:{folder.entry(artifact).sha256}" for artifact in (TEACHER_CACHE, STUDENT_DISTILLED)}
-    folder.record_stage("distill", {"config": str(ctx.distill_config), "fingerprint": config.fingerprint(), "student": initial,
+    from kdtrain.gates.verdict import gate_fingerprint
+
+    folder.record_stage("distill", {"config": str(ctx.distill_config), "fingerprint": config.fingerprint(),
+                                    "gate_fingerprint": gate_fingerprint(config), "student": initial,
                                     "steps": result.step, "alerts": len(result.alerts), "identity": identity, "numerics": numerics})
+
+
+def _curriculum(path) -> dict | None:
+    """curriculum.json's per-stage digest (token shares, length against the teacher's, early halts) and its alerts."""
+    if not path.exists():
+        return None
+    stages = json.loads(path.read_text(encoding="utf-8"))["stages"]
+    return {"file": DISTILL_CURRICULUM.path,
+            "stages": [{"stage": s["stage"], "steps": s["steps"], "fractions": s["fractions"], "length": s["length"],
+                        "halt_early": s["halt"]["early"], "alerts": [a["message"] for a in s["alerts"]], "override": s["override"]}
+                       for s in stages],
+            "alerts": [a["message"] for s in stages for a in s["alerts"]]}
 
 
 def stage_ablations(ctx: StageContext) -> None:
