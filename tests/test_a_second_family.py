@@ -230,3 +230,43 @@ def test_kdtrain_add_command_registers_and_refuses(own_project, tmp_path):
         add_artifact("student.weights", tmp_path, out)
     with pytest.raises(ConfigError, match="--host-api: expected only with a Core ML package"):
         add_artifact("student.checkpoint", own_project / "artifacts/student/distilled", out, host_api="1.0")
+
+
+def test_the_gates_measure_the_second_family(own_project):
+    """The gates' machinery on another tokenizer, chat template and teacher: a held-out halt set
+    and scenario cases from its corpus, its student's halt head scored, its teacher (a local
+    Qwen3) and student run through the agent loops. (`kdtrain init` writes no gates.yaml: the
+    bounds come from a run the project trusts; what they are judged on must work already.)"""
+    from kdcontracts.families import load
+    from kdtrain.artifact_table import DATA_CORPUS
+    from kdtrain.artifacts import ArtifactsFolder
+    from kdtrain.data.corpus import Corpus
+    from kdtrain.data.halt_set import build_halt_set, overlap
+    from kdtrain.data.scenario_cases import build_scenario_cases
+    from kdtrain.gates.halt import halt_metrics, score_halt_set
+    from kdtrain.gates.scenarios import METRICS, evaluate_scenarios, rates_from_cases
+    from kdtrain.runtime.generate import StudentGenerator, teacher_generator
+    from kdtrain.student.model import StudentLM
+    from kdtrain.tokenizers.load import load_tokenizer
+    from kdtrain.train.config import load_config
+
+    folder = ArtifactsFolder.open(own_project / "artifacts")
+    registry = load(own_project / "contracts/tool_registry.json")
+    corpus = Corpus.load(folder.path(DATA_CORPUS))
+    tokenizer = load_tokenizer(folder, "student")
+    student = StudentLM.from_pretrained(folder.path(folder.exported_student()))
+
+    halt_set = build_halt_set(registry, corpus, 1, 7)
+    assert overlap(halt_set, corpus) == []
+    records = score_halt_set(student, tokenizer, halt_set.examples)
+    assert [r.id for r in records] == [e.id for e in halt_set.examples]
+    metrics = halt_metrics(records, 0.5, 2)
+    assert metrics["positives"] == sum(e.kind != "under_short" for e in halt_set.examples) and 0.0 <= metrics["auc"] <= 1.0
+
+    cases = build_scenario_cases(registry, corpus, 1, 7)
+    generators = {"teacher": teacher_generator(load_config(own_project / "distill.yaml"), folder),
+                  "student": StudentGenerator(student, tokenizer)}
+    results = evaluate_scenarios(cases, generators, registry, max_new_tokens=8, max_rounds=2, progress=False)
+    assert {r["model"] for r in results["cases"]} == {"teacher", "student"} and len(results["cases"]) == 2 * len(cases.cases)
+    assert rates_from_cases(results["cases"]) == results["scenarios"]
+    assert all(set(results["scenarios"][s]["student"]) == set(m) for s, m in METRICS.items())

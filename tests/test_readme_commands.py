@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, _link_unless_appendable, write_distill_config
+from conftest import REPO, TEST_REFERENCE_RUN, _link_unless_appendable, write_distill_config
 
 BIN = Path(sys.executable).parent
 
@@ -23,7 +23,8 @@ def folder(tmp_path_factory, reference_artifacts, test_contracts) -> Path:
     shutil.copytree(reference_artifacts, root / "artifacts", copy_function=_link_unless_appendable)
     shutil.copytree(test_contracts, root / "contracts")
     shutil.copytree(REPO / "golden", root / "golden")  # the contracts' golden folder is ../golden
-    write_distill_config(root / "distill.yaml", root / "artifacts")
+    # The configuration the build's mini run used: the README's full run starts on its verdict.
+    write_distill_config(root / "distill.yaml", root / "artifacts", **TEST_REFERENCE_RUN)
     return root
 
 
@@ -43,6 +44,13 @@ def test_one_stage_alone(folder, stage):
     assert "artifacts written to" in done.stdout
 
 
+@pytest.mark.slow  # the gates stage runs in every reference build; this is its command-line spelling (47 s)
+def test_evaluate_writes_the_verdict(folder):
+    done = run("kdtrain", "evaluate", "--out", str(folder / "artifacts"), "--contracts", str(folder / "contracts"),
+               "--config", str(folder / "distill.yaml"))
+    assert "artifacts written to" in done.stdout and "gate verdict: passed" in done.stderr
+
+
 def test_pipeline_with_a_subset_of_stages(folder):
     done = run("kdtrain", "pipeline", "--out", str(folder / "artifacts"), "--contracts", str(folder / "contracts"),
                "--distill-config", str(folder / "distill.yaml"), "--stages", "data")
@@ -52,6 +60,7 @@ def test_pipeline_with_a_subset_of_stages(folder):
 def test_distill_resumes_a_run_folder(folder):
     done = run("kdtrain", "distill", "--config", str(folder / "distill.yaml"), "--run-dir", str(folder / "run"), "--steps", "1")
     assert "step 1 of 3" in done.stdout
+    assert "gate verdict" in done.stderr and "passed for this configuration" in done.stderr  # the unlock, logged
 
 
 def test_fingerprint(folder):
