@@ -22,6 +22,7 @@ from kdtrain import atomic
 from kdtrain.artifact_table import (ABLATIONS_PLOT, ABLATIONS_RESULTS, ABLATIONS_RUNS, DATA_CORPUS, DISTILL_CURRICULUM,
                                     DISTILL_CURRICULUM_PLOT, DISTILL_REPORT, DISTILL_RUN, STUDENT_CHECKPOINT, STUDENT_DISTILLED,
                                     TEACHER_CACHE)
+from kdtrain.gates.verdict import gate_fingerprint
 from kdtrain.stage import StageContext
 from kdtrain.train.loop import PLOT, Distiller
 
@@ -63,8 +64,6 @@ def stage_distill(ctx: StageContext) -> None:
     identity = {"initial": initial, "config": config.fingerprint(), DATA_CORPUS.name: f"sha256:{folder.entry(DATA_CORPUS).sha256}",
                 "teacher": f"{teacher['teacher']} {teacher['mode']} top-{teacher['top_k']}", "steps": result.step}
     numerics = {artifact.name: f"sha256:{folder.entry(artifact).sha256}" for artifact in (TEACHER_CACHE, STUDENT_DISTILLED)}
-    from kdtrain.gates.verdict import gate_fingerprint
-
     folder.record_stage("distill", {"config": str(ctx.distill_config), "fingerprint": config.fingerprint(),
                                     "gate_fingerprint": gate_fingerprint(config), "student": initial,
                                     "steps": result.step, "alerts": len(result.alerts), "identity": identity, "numerics": numerics})

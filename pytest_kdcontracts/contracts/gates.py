@@ -30,22 +30,23 @@ def _json(kd_artifacts, artifact) -> dict:
     return json.loads(kd_artifacts.path(artifact).read_text(encoding="utf-8"))
 
 
-def _bound_to(c: GatesContract, kd_artifacts, record: dict, data, what: str) -> None:
-    """``record`` (a gates report) names the student and held-out data these artifacts hold."""
+def _bound_to(c: GatesContract, kd_artifacts, report, data) -> dict:
+    """The gates report ``report``, provided it measured the student and held-out ``data`` this folder holds."""
+    record = _json(kd_artifacts, report)
     student = kd_artifacts.exported_student()
     expected = {"student": f"{student.name} sha256:{kd_artifacts.entry(student).sha256}",
                 data.name: f"sha256:{kd_artifacts.entry(data).sha256}"}
     found = {key: record.get(key) for key in expected}
     if found != expected:
-        fail(c.file.name, f"{what} ({kd_artifacts.path(GATES_HALT if data is DATA_HALT_SET else GATES_SCENARIOS)})",
-             f"measurements of this folder's {expected}", found, "re-run: kdtrain evaluate (kdtrain pipeline --stages gates)")
+        fail(c.file.name, f"{report.name} ({kd_artifacts.path(report)})", f"measurements of this folder's {expected}", found,
+             "re-run: kdtrain evaluate (kdtrain pipeline --stages gates)")
+    return record
 
 
 def halt_judgements(c: GatesContract, kd_artifacts) -> list[Judgement]:
     from kdtrain.gates.halt import HaltRecord, halt_metrics
 
-    record = _json(kd_artifacts, GATES_HALT)
-    _bound_to(c, kd_artifacts, record, DATA_HALT_SET, "halt measurements")
+    record = _bound_to(c, kd_artifacts, GATES_HALT, DATA_HALT_SET)
     records = [HaltRecord.from_json(r) for r in record["records"]]
     return c.judge_halt(halt_metrics(records, c.halt.threshold, c.halt.tolerance_tokens))
 
@@ -59,8 +60,7 @@ def curriculum_judgements(c: GatesContract, kd_artifacts) -> list[Judgement]:
 def scenario_judgements(c: GatesContract, kd_artifacts) -> list[Judgement]:
     from kdtrain.gates.scenarios import rates_from_cases
 
-    record = _json(kd_artifacts, GATES_SCENARIOS)
-    _bound_to(c, kd_artifacts, record, DATA_SCENARIOS, "scenario evaluations")
+    record = _bound_to(c, kd_artifacts, GATES_SCENARIOS, DATA_SCENARIOS)
     return c.judge_scenarios(rates_from_cases(record["cases"]))
 
 
