@@ -43,18 +43,11 @@ class Generator(Protocol):
     def turns(self, conversations: Sequence[Sequence[Message]], max_new_tokens: int) -> list[Turn]: ...
 
 
-class StudentGenerator:
-    """The student's greedy turns, a batch at a time, over a KV cache.
+class _Batched:
+    """Rendering and batching shared by the local generators; ``_greedy(prompt ids, bound)`` decodes one batch."""
 
-    Written here rather than through the host API's batch-1 programs because the gates decode
-    hundreds of turns on CPU: prompts are left-padded into one batch (RoPE makes attention
-    depend on relative positions only, so the padding shift changes nothing but rounding),
-    prefilled once, then decoded one token per step for the whole batch, each row stopping at
-    its EOS. ``tests/test_generate.py`` holds it to the host API's own prefill/decode tokens.
-    """
-
-    def __init__(self, student, tokenizer, name: str = "student", batch_size: int = 64):
-        self.name, self.student, self.tokenizer, self.chat = name, student.eval(), tokenizer, ChatFormat.of(tokenizer)
+    def __init__(self, tokenizer, name: str, batch_size: int):
+        self.name, self.tokenizer, self.chat = name, tokenizer, ChatFormat.of(tokenizer)
         self.eos_id = tokenizer.token_to_id(tokenizer.eos_token)
         self.batch_size = batch_size
 
@@ -67,6 +60,21 @@ class StudentGenerator:
         for i in range(0, len(prompts), self.batch_size):
             found += self._greedy(prompts[i:i + self.batch_size], max_new_tokens)
         return found
+
+
+class StudentGenerator(_Batched):
+    """The student's greedy turns, a batch at a time, over a KV cache.
+
+    Written here rather than through the host API's batch-1 programs because the gates decode
+    hundreds of turns on CPU: prompts are left-padded into one batch (RoPE makes attention
+    depend on relative positions only, so the padding shift changes nothing but rounding),
+    prefilled once, then decoded one token per step for the whole batch, each row stopping at
+    its EOS. ``tests/test_generate.py`` holds it to the host API's own prefill/decode tokens.
+    """
+
+    def __init__(self, student, tokenizer, name: str = "student", batch_size: int = 64):
+        super().__init__(tokenizer, name, batch_size)
+        self.student = student.eval()
 
     @torch.no_grad()
     def _greedy(self, prompts: list[list[int]], max_new_tokens: int) -> list[Turn]:
@@ -134,24 +142,13 @@ class TeacherGenerator:
         return [self.turn(m, max_new_tokens) for m in conversations]
 
 
-class LocalModelGenerator:
+class LocalModelGenerator(_Batched):
     """A local transformers causal LM's greedy turns, batched (left padding, ``model.generate``):
     the same answers as the local teacher's generate mode, many at once."""
 
     def __init__(self, model, tokenizer, name: str = "teacher", batch_size: int = 64):
-        self.name, self.model, self.tokenizer, self.chat = name, model.eval(), tokenizer, ChatFormat.of(tokenizer)
-        self.eos_id = tokenizer.token_to_id(tokenizer.eos_token)
-        self.batch_size = batch_size
-
-    def turn(self, messages: Sequence[Message], max_new_tokens: int) -> Turn:
-        return self.turns([messages], max_new_tokens)[0]
-
-    def turns(self, conversations: Sequence[Sequence[Message]], max_new_tokens: int) -> list[Turn]:
-        prompts = [self.tokenizer.encode(self.chat.prompt(m)).ids for m in conversations]
-        found: list[Turn] = []
-        for i in range(0, len(prompts), self.batch_size):
-            found += self._greedy(prompts[i:i + self.batch_size], max_new_tokens)
-        return found
+        super().__init__(tokenizer, name, batch_size)
+        self.model = model.eval()
 
     @torch.no_grad()
     def _greedy(self, prompts: list[list[int]], max_new_tokens: int) -> list[Turn]:
