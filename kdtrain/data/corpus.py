@@ -16,7 +16,7 @@ import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Iterable, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -151,6 +151,13 @@ class Corpus:
         if found != info.sha256:
             raise DataError(located(lines_file, None, f"sha256 {info.sha256} (as {CORPUS_JSON} records)", f"sha256 {found}: the file changed after it was written"))
         return cls(tuple(samples), info.tool_schema_version, info.orchestrator_version, info.seed, info.dataset_version)
+
+
+def example_hash(messages: Iterable[Message]) -> str:
+    """SHA-256 of the messages' roles and contents as canonical JSON (what makes two examples the same)."""
+    canonical = json.dumps([{"content": m.content, "role": m.role} for m in messages],
+                           ensure_ascii=False, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
 
 
 def build_reference_corpus(registry, samples_per_scenario: int, seed: int) -> Corpus:

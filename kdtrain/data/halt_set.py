@@ -30,13 +30,13 @@ import random
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Literal, Sequence
+from typing import Literal, Sequence
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from kdcontracts.models.tokens import Message
 from kdtrain import atomic
-from kdtrain.data.corpus import SCENARIOS, Corpus, Scenario, _pydantic_problem, _read_json
+from kdtrain.data.corpus import SCENARIOS, Corpus, Scenario, _pydantic_problem, _read_json, example_hash  # noqa: F401 (re-exported)
 from kdtrain.errors import DataError, located
 
 HALT_SET_JSONL = "halt_set.jsonl"
@@ -62,13 +62,6 @@ UNASKED = (  # a second answer nobody asked for
 _DRAWS_PER_BASE = 40  # how many draws a scenario may use per accepted base before giving up
 _FINAL_FACT = re.compile(r"\d+(?:\.\d+)?")  # an answer's final number, else its final word
 _WORD = re.compile(r"\w+")
-
-
-def example_hash(messages: Iterable[Message]) -> str:
-    """SHA-256 of the messages' roles and contents as canonical JSON (what makes two examples the same)."""
-    canonical = json.dumps([{"content": m.content, "role": m.role} for m in messages],
-                           ensure_ascii=False, sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
 
 
 def training_hashes(corpus: Corpus) -> frozenset[str]:

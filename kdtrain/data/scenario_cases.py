@@ -43,7 +43,7 @@ from kdcontracts.models.tokens import Message
 from kdtrain import atomic
 from kdtrain.data.calls import CODE_TOOL, find_blocks
 from kdtrain.data.corpus import Corpus, _pydantic_problem, _read_json
-from kdtrain.data.halt_set import example_hash
+from kdtrain.data.corpus import example_hash
 from kdtrain.errors import DataError, located
 
 CASES_JSONL = "cases.jsonl"
@@ -222,14 +222,14 @@ class ScenarioCases:
                    info.training_hashes_checked)
 
 
-def training_hashes(corpus: Corpus) -> set[str]:
+def sample_hashes(corpus: Corpus) -> set[str]:
     """The hash of every training sample's conversation (what a case must differ from)."""
     return {example_hash(s.messages) for s in corpus.samples}
 
 
 def overlap(cases: ScenarioCases, corpus: Corpus) -> list[str]:
     """Ids of the cases whose whole reference conversation is a sample of ``corpus``."""
-    seen = training_hashes(corpus)
+    seen = sample_hashes(corpus)
     return [c.id for c in cases.cases if c.sha256 in seen]
 
 
@@ -292,7 +292,7 @@ def draw_case(scenario: str, seed: int, index: int, registry) -> ScenarioCase | 
 def build_scenario_cases(registry, training: Corpus, cases_per_scenario: int, seed: int) -> ScenarioCases:
     """``cases_per_scenario`` held-out cases of each scenario, none equal to a training sample or to
     another case; reproducible from ``seed``. A DataError if a scenario cannot yield enough."""
-    excluded = training_hashes(training)
+    excluded = sample_hashes(training)
     checked = len(excluded)
     cases = []
     for scenario in SCENARIOS:
