@@ -12,9 +12,8 @@ import pytest
 
 from kdcontracts.families import load
 from kdcontracts.models.tokens import Message
-from kdtrain.data.corpus import SCENARIOS, Corpus, Sample, build_reference_corpus
-from kdtrain.data.halt_set import (HALT_SET_JSON, HALT_SET_JSONL, KINDS, HaltSet, build_halt_set, example_hash,
-                                   overlap)
+from kdtrain.data.corpus import SCENARIOS, Corpus, Sample, build_reference_corpus, example_hash
+from kdtrain.data.halt_set import HALT_SET_JSON, HALT_SET_JSONL, KINDS, HaltSet, build_halt_set, overlap
 from kdtrain.data.templates import BUILDERS
 from kdtrain.errors import DataError
 

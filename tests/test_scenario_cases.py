@@ -13,7 +13,7 @@ import pytest
 from kdcontracts.families import load
 from kdtrain.data.calls import read_calls
 from kdtrain.data.corpus import Corpus, Eligibility, Sample, SampleMeta, build_reference_corpus
-from kdtrain.data.halt_set import example_hash
+from kdtrain.data.corpus import example_hash
 from kdtrain.data.scenario_cases import (CASES_JSON, CASES_JSONL, SCENARIOS, ScenarioCases, build_scenario_cases, contains,
                                          normalise, overlap, visible)
 from kdtrain.data.validate import check_call

@@ -36,7 +36,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from kdcontracts.models.tokens import Message
 from kdtrain import atomic
-from kdtrain.data.corpus import SCENARIOS, Corpus, Scenario, _pydantic_problem, _read_json, example_hash  # noqa: F401 (re-exported)
+from kdtrain.data.corpus import SCENARIOS, Corpus, Scenario, _pydantic_problem, _read_json, example_hash
 from kdtrain.errors import DataError, located
 
 HALT_SET_JSONL = "halt_set.jsonl"

@@ -18,7 +18,7 @@ reference is what a gate judges against:
   is redrawn.
 
 The templates have little variety, so disjointness is checked by hash
-(:func:`kdtrain.data.halt_set.example_hash` of the whole reference conversation): a draw equal
+(:func:`kdtrain.data.corpus.example_hash` of the whole reference conversation): a draw equal
 to a training sample or to a case already taken is skipped and another drawn.
 
 On disk: ``cases.jsonl`` (one case per line, sorted keys) and ``cases.json`` (the generator's
