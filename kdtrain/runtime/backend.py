@@ -28,6 +28,9 @@ class Session(Protocol):
     def is_fresh(self, state) -> bool:
         """Whether ``state`` is as ``new_state()`` made it (all zero)."""
 
+    def state_bytes(self, state) -> int:
+        """The bytes ``state`` holds (the KV cache): what a session costs a pool's memory budget."""
+
     def predict(self, function: str, inputs: dict[str, np.ndarray], state) -> dict[str, np.ndarray]: ...
 
 
@@ -63,6 +66,9 @@ class MILSession:
     def is_fresh(self, state) -> bool:
         return not any(value.any() for value in state.values.values())
 
+    def state_bytes(self, state) -> int:
+        return sum(value.nbytes for value in state.values.values())
+
     def predict(self, function, inputs, state):
         return self.executor.predict(function, inputs, state)
 
@@ -95,6 +101,15 @@ class CoreMLSession:
     def is_fresh(self, state) -> bool:
         return False
 
+    def state_bytes(self, state) -> int:
+        """From the prefill function's state descriptions: an MLState cannot be measured."""
+        from coremltools.proto.FeatureTypes_pb2 import ArrayFeatureType as Array
+
+        description = self._model("prefill").get_spec().description
+        states = next((f.state for f in description.functions if f.name == "prefill"), description.state)
+        size = {Array.FLOAT16: 2, Array.FLOAT32: 4, Array.INT32: 4, Array.DOUBLE: 8, Array.INT8: 1}
+        return sum(int(np.prod(s.type.stateType.arrayType.shape)) * size[s.type.stateType.arrayType.dataType] for s in states)
+
     def predict(self, function, inputs, state):
         return {k: np.asarray(v) for k, v in self._model(function).predict(inputs, state=state).items()}
 
@@ -125,6 +140,9 @@ class TorchSession:
 
     def is_fresh(self, state) -> bool:
         return not any(bool(value.any()) for value in state.values())
+
+    def state_bytes(self, state) -> int:
+        return sum(value.nbytes for value in state.values())
 
     def predict(self, function, inputs, state):
         import torch
