@@ -39,6 +39,7 @@ FAMILIES: tuple[Family, ...] = (
     Family("distill_data", "distill_data.yaml", "distill_data.schema.json", "data"),
     Family("ablations", "ablations.yaml", "ablations.schema.json", "ablations"),
     Family("gates", "gates.yaml", "gates.schema.json", "gates"),
+    Family("runtime_budget", "runtime_budget.yaml", "runtime_budget.schema.json", "runtime"),
 )
 
 

@@ -65,6 +65,10 @@ QUANT_ACTIVATION_PLOT = Artifact("quant.activation_stats_plot", "quant/activatio
 QUANT_AB = Artifact("quant.ab", "quant/ab.json", "quant/ab-report", "quantize")
 QUANT_SIZE_ACCURACY_PLOT = Artifact("quant.size_accuracy_plot", "quant/size_accuracy.png", "plot/quant-size-accuracy", "quantize")
 
+# The on-device budget per student size and context (contracts/runtime_budget.yaml; kdtrain.runtime.budget).
+RUNTIME_CONFIG = Artifact("runtime.config", "runtime/runtime_config.json", "config/runtime-budget", "runtime")
+RUNTIME_MEMORY_PLOT = Artifact("runtime.memory_plot", "runtime/memory.png", "plot/runtime-memory", "runtime")
+
 # Every artifact of fixed name, in pipeline order (the families below are per length).
 FIXED: tuple[Artifact, ...] = (
     TOKENIZER_TEACHER, TOKENIZER_STUDENT, TOKENIZER_RUNTIME, MIGRATION_AUDIT,
@@ -74,6 +78,7 @@ FIXED: tuple[Artifact, ...] = (
     DISTILL_RUN, DISTILL_REPORT, STUDENT_DISTILLED, DISTILL_CURRICULUM, DISTILL_CURRICULUM_PLOT,
     ABLATIONS_RUNS, ABLATIONS_RESULTS, ABLATIONS_PLOT,
     QUANT_CALIBRATION, QUANT_ACTIVATION_STATS, QUANT_ACTIVATION_PLOT, QUANT_AB, QUANT_SIZE_ACCURACY_PLOT,
+    RUNTIME_CONFIG, RUNTIME_MEMORY_PLOT,
     GATES_HALT, GATES_HALT_PLOTS, GATES_SCENARIOS, GATES_SCENARIOS_PLOT, GATES_VERDICT,
 )
 

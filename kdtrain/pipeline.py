@@ -107,6 +107,7 @@ STAGES: dict[str, Callable[[StageContext], None]] = {
     "export": _lazy("kdtrain.export.stage", "stage_export"),
     "convert": _lazy("kdtrain.coreml.stage", "stage_convert"),
     "quantize": _lazy("kdtrain.quant.stage", "stage_quantize"),
+    "runtime": _lazy("kdtrain.runtime.budget", "stage_runtime"),
     "gates": _lazy("kdtrain.gates.stage", "stage_gates"),
 }
 

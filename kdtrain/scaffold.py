@@ -6,7 +6,8 @@ tags and fingerprints are read back from what it wrote), the round-trip prompt a
 prompt in the tokenizer's own chat format, ``coreml_contract.json`` from the student's shape
 and the lengths asked for, and the distill config from the teacher source and the student.
 What does not (the linter's rules, the precision islands and the quant recipe, which name
-the export-friendly student's modules, the same for every student; the tool registry) is the
+the export-friendly student's modules, the same for every student; the tool registry; the
+runtime budget, whose ``student`` size is read from the artifacts) is the
 reference project's, copied with a note saying where it came from.
 
 No ``ablations.yaml`` and no ``gates.yaml``: their baselines and bounds come from a run you
@@ -32,7 +33,7 @@ from kdtrain.errors import ConfigError, located
 log = logging.getLogger("kdtrain.init")
 
 REFERENCE = Path(__file__).resolve().parents[1]  # the reference project: contracts/ and configs/ (an editable install)
-COPIED = ("export_lint.yaml", "precision_islands.yaml", "tool_registry.json")
+COPIED = ("export_lint.yaml", "precision_islands.yaml", "tool_registry.json", "runtime_budget.yaml")
 SMALL_STUDENT = 20_000_000  # parameters: below this the package's fixed part keeps INT8/FP16 above the reference's 0.6
 ROLE_ORDER = ("bos", "eos", "pad", "unk")
 GOLDEN_MESSAGES = (("system", "You are a helpful assistant with tools."), ("user", "What's the weather in Paris?"))

@@ -15,10 +15,10 @@ def _added(data: dict, text: str) -> dict:
 
 def test_reference_artifacts_pass_every_contract(workspace):
     first = workspace.run("--snapshot-update")  # golden/ starts empty in a fresh workspace
-    first.assert_outcomes(passed=184)
+    first.assert_outcomes(passed=193)
     first.stdout.fnmatch_lines(["*7 snapshots generated*"])  # 4 golden vectors, 3 ablation baselines
     result = workspace.run()
-    result.assert_outcomes(passed=184)
+    result.assert_outcomes(passed=193)
     result.stdout.fnmatch_lines([
         "kdcontracts: contracts *contracts",
         "kdcontracts: artifacts *artifacts (from manifest.json)",
@@ -44,9 +44,14 @@ def test_reference_artifacts_pass_every_contract(workspace):
         "passed  quant_recipe.yaml::conformance *4 passed",
         "passed  quant_recipe.yaml::finite *2 passed",
         "passed  quant_recipe.yaml::recipe_coverage *1 passed",
+        "passed  runtime_budget.yaml::kv_state *2 passed",
+        "passed  runtime_budget.yaml::pool *1 passed",
+        "passed  runtime_budget.yaml::runtime_config *1 passed",
+        "passed  runtime_budget.yaml::table *1 passed",
+        "passed  runtime_budget.yaml::weights *4 passed",
         "passed  tool_registry.json::corpus_calls *8 passed",
         "quant A/B L=64: INT8/FP16 size 0.5*",
-        "contracts: 184 passed",
+        "contracts: 193 passed",
     ])
 
 

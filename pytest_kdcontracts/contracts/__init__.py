@@ -21,6 +21,7 @@ MARKERS = {
     "quant": "INT8 packages: recipe conformance, A/B against FP16, finite outputs (quant_recipe.yaml)",
     "data": "distillation data and teacher targets: tool registry, corpus versions and calls, corruption rate, logit cache (tool_registry.json, distill_data.yaml)",
     "ablations": "the trainer's canonical mini experiments against their stored baselines (ablations.yaml)",
+    "runtime": "on-device runtime: memory budget per size and context, the runtime config, the session pool (runtime_budget.yaml)",
     "gates": "checkpoint gates before a full run: halt calibration, curriculum telemetry, scenario evals, the verdict (gates.yaml)",
 }
 
