@@ -194,6 +194,10 @@ def build_parser() -> argparse.ArgumentParser:
                                                "scenario evals; writes gates/verdict.json (same as pipeline --stages gates)")
     _add_stage_arguments(evaluate)
     evaluate.set_defaults(func=_pipeline, stages="gates")
+    budget = sub.add_parser("budget", help="the on-device memory budget (contracts/runtime_budget.yaml): writes "
+                                           "runtime/runtime_config.json and memory.png, logs the table (same as pipeline --stages runtime)")
+    _add_stage_arguments(budget)
+    budget.set_defaults(func=_pipeline, stages="runtime")
     for stage in ("export", "convert", "quantize"):
         one = sub.add_parser(stage, help=f"run the {stage} stage alone (same as pipeline --stages {stage})")
         _add_stage_arguments(one)

@@ -51,6 +51,11 @@ def test_evaluate_writes_the_verdict(folder):
     assert "artifacts written to" in done.stdout and "gate verdict: passed" in done.stderr
 
 
+def test_budget_writes_the_runtime_config_and_logs_the_table(folder):
+    done = run("kdtrain", "budget", "--out", str(folder / "artifacts"), "--contracts", str(folder / "contracts"))
+    assert "artifacts written to" in done.stdout and "sessions" in done.stderr and "yi-1.5-9b" in done.stderr
+
+
 def test_pipeline_with_a_subset_of_stages(folder):
     done = run("kdtrain", "pipeline", "--out", str(folder / "artifacts"), "--contracts", str(folder / "contracts"),
                "--distill-config", str(folder / "distill.yaml"), "--stages", "data")
