@@ -131,3 +131,44 @@ def test_norm_weight_quantized_against_the_recipe_fails_conformance(reference_ar
         check_conformance(contract, "prefill", 64, artifacts, Packages())
     assert "model.norm: expected keep fp16, found int8 (constexpr_blockwise_shift_scale)" in str(info.value)
     assert sum("expected" in line for line in str(info.value).splitlines()[3:]) == 1  # only the norm
+
+
+def _edit_ab(workspace, length: int, change) -> None:
+    def edit(entries):
+        change(next(e for e in entries if e["length"] == length))
+
+    workspace.edit_json("quant/ab.json", edit)
+
+
+def test_int8_ttft_recorded_10x_fp16_fails_ab(workspace):
+    """Latency is judged from what `kdtrain quantize` recorded: nothing is timed in the test run."""
+    _edit_ab(workspace, 64, lambda entry: entry.update(ttft_int8_s=10 * entry["ttft_fp16_s"]))
+    result = workspace.run("-k", "ab[64]")
+    assert workspace.failed(result) == {"ab[64]"}
+    result.stdout.fnmatch_lines([
+        "*INT8 vs FP16 at L=64 [[]mil-reference[]]",
+        "*TTFT ratio 10.00 (* ms, recorded on mil-reference) > 3.0*",
+    ])
+
+
+def test_weight_bound_below_the_measured_ratio_fails_ab(workspace):
+    path = workspace.contracts / "quant_recipe.yaml"
+    data = yaml.safe_load(path.read_text())
+    data["ab"]["weight_bytes_ratio_max"] = 0.45  # the reference measures 0.502
+    path.write_text(yaml.safe_dump(data))
+    result = workspace.run("-k", "ab[64]")
+    assert workspace.failed(result) == {"ab[64]"}
+    result.stdout.fnmatch_lines(["*weight bytes ratio 0.502 (39,070,478/77,872,898) > 0.45*"])
+
+
+def test_ab_record_without_latency_fails_naming_file_and_key(workspace):
+    """An ab.json written before the A/B measured latency (an old quantize stage)."""
+    _edit_ab(workspace, 64, lambda entry: entry.pop("ttft_int8_s"))
+    result = workspace.run("-k", "ab[64]")
+    assert workspace.failed(result) == {"ab[64]"}
+    result.stdout.fnmatch_lines([
+        "*quant/ab.json: at [[]0[]].ttft_int8_s (L=64)",
+        "*expected: the latency and memory `kdtrain quantize` records (ttft_int8_s)",
+        "*found:    no such key",
+        "*re-run `kdtrain quantize`",
+    ])

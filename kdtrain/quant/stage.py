@@ -1,7 +1,10 @@
 """``kdtrain quantize``: the recipe applied to every FP16 package, calibration recorded, A/B measured.
 
 Writes ``coreml/int8/student-L<L>.mlpackage``, ``quant/calibration.json`` (the set and its
-composition), ``quant/activation_stats.json`` (+ PNG), ``quant/ab.json`` (+ a size/accuracy PNG).
+composition), ``quant/activation_stats.json`` (+ PNG), ``quant/ab.json`` (+ a size/accuracy and
+latency PNG). The A/B records accuracy, size, the student's weight bytes in each program, and
+latency and memory measured here (TTFT, decode tokens/s, prefill peak on the MIL executor):
+``quant_recipe.yaml::ab[L]`` judges latency from this record, so the test run times nothing.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from kdcontracts.models.quant import Recipe
 from kdtrain import atomic
 from kdtrain.artifact_table import (QUANT_AB, QUANT_ACTIVATION_PLOT, QUANT_ACTIVATION_STATS, QUANT_CALIBRATION,
                                     QUANT_SIZE_ACCURACY_PLOT, coreml_package)
-from kdtrain.quant.ab import measure_ab, package_size
+from kdtrain.quant.ab import measure_ab, package_size, weight_bytes
 from kdtrain.quant.calibration import activation_stats, build_calibration_set
 from kdtrain.quant.quantize import quantize_package
 from kdtrain.quant.recipe import checkpoint_modules
@@ -54,7 +57,7 @@ def _plots(folder, stats: dict, results: list) -> None:
     fig.tight_layout()
     fig.savefig(folder.root / QUANT_ACTIVATION_PLOT.path, dpi=120)
     plt.close(fig)
-    fig, ax = plt.subplots(figsize=(5, 4))
+    fig, (ax, lat) = plt.subplots(1, 2, figsize=(10, 4))
     for r in results:
         ax.scatter([r.size_fp16 / 1e6, r.size_int8 / 1e6], [1.0, r.cosine_min], label=f"L={r.length}")
         ax.plot([r.size_fp16 / 1e6, r.size_int8 / 1e6], [1.0, r.cosine_min], alpha=0.4)
@@ -62,6 +65,23 @@ def _plots(folder, stats: dict, results: list) -> None:
     ax.set_ylabel("worst-step logit cosine vs FP16")
     ax.set_title("INT8 vs FP16: size / accuracy")
     ax.legend()
+    timed = [r for r in results if r.ttft_ratio is not None]
+    lengths = [r.length for r in timed]
+    for name, values in (("FP16", [r.ttft_fp16_s for r in timed]), ("INT8", [r.ttft_int8_s for r in timed])):
+        lat.plot(lengths, [v * 1e3 for v in values], marker="o", label=f"{name} TTFT")
+    lat.set_xscale("log", base=2)
+    if lengths:
+        lat.set_xticks(lengths, [str(n) for n in lengths])
+    lat.set_xlabel("context length L")
+    lat.set_ylabel("TTFT (ms)")
+    lat.set_title(f"latency [{results[0].backend if results else '?'}]")
+    decode = lat.twinx()
+    for name, values in (("FP16", [r.decode_fp16_tokens_per_s for r in timed]), ("INT8", [r.decode_int8_tokens_per_s for r in timed])):
+        if all(v is not None for v in values):
+            decode.plot(lengths, values, linestyle="--", marker="s", alpha=0.6, label=f"{name} decode")
+    decode.set_ylabel("decode tokens/s (dashed)")
+    handles = lat.get_legend_handles_labels()[0] + decode.get_legend_handles_labels()[0]
+    lat.legend(handles, [h.get_label() for h in handles], fontsize=7)
     fig.tight_layout()
     fig.savefig(folder.root / QUANT_SIZE_ACCURACY_PLOT.path, dpi=120)
     plt.close(fig)
@@ -70,6 +90,7 @@ def _plots(folder, stats: dict, results: list) -> None:
 
 
 def stage_quantize(ctx: StageContext) -> None:
+    from kdtrain.coreml.inspect import load_mil
     from kdtrain.runtime.backend import open_package
     from kdtrain.student.model import StudentLM
     from kdtrain.tokenizers.load import load_tokenizer
@@ -97,8 +118,10 @@ def stage_quantize(ctx: StageContext) -> None:
         folder.record(int8)
         int8_path = folder.path(int8)
         prompts = ab_prompts(calibration)
-        results.append(measure_ab(open_package(fp16), open_package(int8_path), prompts, recipe.ab["decode_steps"],
-                                  length, pad_id, (package_size(fp16), package_size(int8_path))))
+        programs = load_mil(fp16), load_mil(int8_path)  # read once: weight bytes, and the MIL executor runs them
+        results.append(measure_ab(open_package(fp16, program=programs[0]), open_package(int8_path, program=programs[1]), prompts,
+                                  recipe.ab["decode_steps"], length, pad_id, (package_size(fp16), package_size(int8_path)),
+                                  weights=(weight_bytes(programs[0]), weight_bytes(programs[1])), timed=True))
         print(f"quantize: {results[-1].summary()}")
     atomic.write_json(folder.root / QUANT_AB.path, [r.to_json() for r in results])
     folder.record(QUANT_AB)

@@ -38,19 +38,12 @@ def _reference(c: RuntimeBudgetContract, kd_artifacts):
     return size_budget(c, size.name if size else "student", "artifacts", reference_shape(kd_artifacts), _recipe(c))
 
 
-def package_weight_bytes(program) -> int:
-    """Bytes of the student's parameters in a MIL program: its ``p_student_*`` constants (INT8
-    data, scales and FP16 tensors alike), not the converter's own tables (RoPE, zero biases)."""
-    import numpy as np
-
-    return sum(op.outputs[0].val.nbytes for op in program.functions["prefill"].operations
-               if op.op_type == "const" and op.name.startswith("p_student") and isinstance(op.outputs[0].val, np.ndarray))
-
-
 def check_weights(c: RuntimeBudgetContract, precision: str, length: int, kd_artifacts, kd_coreml) -> None:
+    from kdtrain.quant.ab import weight_bytes
+
     reference = _reference(c, kd_artifacts)
     computed = reference.weights_int8 if precision == "int8" else reference.weights_fp16
-    found = package_weight_bytes(kd_coreml.mil(length, precision))
+    found = weight_bytes(kd_coreml.mil(length, precision))
     if abs(found - computed) > c.weight_tolerance * computed:
         fail(c.file.name, f"weight bytes of {kd_coreml.package(length, precision)}",
              f"{computed:,} (computed from the exported student's shape and quant_recipe.yaml) within {c.weight_tolerance:.1%}",
