@@ -21,7 +21,7 @@ def test_manifest_lists_every_reference_artifact(reference_artifacts):
     assert {name: (e.path, e.kind, e.stage) for name, e in folder.manifest.artifacts.items()} == {
         a.name: (a.path, a.kind, a.stage) for a in expected}
     assert set(folder.manifest.stages) == {"tokenizers", "data", "student", "teacher", "distill", "ablations", "export",
-                                           "convert", "quantize", "gates"}
+                                           "convert", "quantize", "runtime", "gates"}
     assert folder.exported_student() == STUDENT_DISTILLED
     assert folder.path(QUANT_SIZE_ACCURACY_PLOT).stat().st_size > 0
     assert all(folder.path(name).exists() for name in folder.manifest.artifacts)

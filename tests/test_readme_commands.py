@@ -94,11 +94,28 @@ def test_make_golden_rewrites_the_snapshots(folder):
 @pytest.mark.slow  # the benchmarks take minutes by design: `make test-all`
 def test_make_bench_prints_its_ratios(folder):
     done = make("bench", folder)
-    assert "MIL executor / PyTorch eager" in done.stdout and "KD overhead" in done.stdout
+    assert "MIL/torch TTFT" in done.stdout and "KD overhead" in done.stdout
 
 
-def make(target: str, folder: Path) -> subprocess.CompletedProcess:
-    """``make TARGET`` on this folder; the install and the artifacts count as made (-o)."""
+@pytest.mark.slow  # two runs of the runtime benchmarks: `make test-all`
+def test_make_bench_gate_saves_a_baseline_then_compares(folder):
+    """The verdict of the comparison depends on this machine's noise, so only the mechanism is
+    pinned here (tests/test_runtime_gate.py plants the slowdown)."""
+    storage = folder / "bench-storage"
+    done = make("bench-gate", folder, f"BENCH_STORAGE={storage}")
+    assert "saving a baseline for this machine" in done.stdout
+    assert len(list(storage.glob("*/0001_*.json"))) == 1
+    second = subprocess.run(["make", *_make_args("bench-gate", folder, f"BENCH_STORAGE={storage}")], cwd=REPO,
+                            capture_output=True, text=True, timeout=1800)
+    assert "comparing with" in second.stdout and "Traceback (most recent call last)" not in second.stdout + second.stderr
+
+
+def _make_args(target: str, folder: Path, *variables: str) -> list[str]:
     artifacts, venv = folder / "artifacts", Path(sys.executable).parent.parent
-    return run("make", "-o", f"{venv}/.kdcontracts-installed", "-o", f"{artifacts}/manifest.json", target,
-               f"VENV={venv}", f"ARTIFACTS={artifacts}", f"CONTRACTS={folder / 'contracts'}")
+    return ["-o", f"{venv}/.kdcontracts-installed", "-o", f"{artifacts}/manifest.json", target,
+            f"VENV={venv}", f"ARTIFACTS={artifacts}", f"CONTRACTS={folder / 'contracts'}", *variables]
+
+
+def make(target: str, folder: Path, *variables: str) -> subprocess.CompletedProcess:
+    """``make TARGET`` on this folder; the install and the artifacts count as made (-o)."""
+    return run("make", *_make_args(target, folder, *variables))
