@@ -128,11 +128,25 @@ class Run:
     prompt: list[int]
     starts: Callable
     peak_bytes: int | None
+    placement: dict | None = None  # Core ML only: the Neural Engine's share of each function's ops
 
     def info(self) -> dict:
         return {"length": self.case.length, "backend": self.case.backend, "precision": self.case.precision,
                 "prompt_tokens": len(self.prompt), "decode_steps": self.protocol.decode_steps,
-                "peak_prefill_bytes": self.peak_bytes, "threads": _threads()}
+                "peak_prefill_bytes": self.peak_bytes, "threads": _threads(), "placement": self.placement}
+
+
+def _placement(case: Case, folder) -> dict | None:
+    """Compute-unit placement on macOS: the fraction of each function's ops, and of their estimated
+    cost, that Core ML's MLComputePlan puts on the Neural Engine (the ANE residency item's reading)."""
+    if case.backend != "coreml":
+        return None
+    from kdtrain.artifact_table import coreml_package
+    from pytest_kdcontracts.contracts.coreml_ane import compute_plan_residency
+
+    package = folder.path(coreml_package(case.length, case.precision))
+    return {function: dict(zip(("ane_op_fraction", "ane_cost_fraction"), compute_plan_residency(package, function)[:2]))
+            for function in ("prefill", "decode")}
 
 
 def _threads() -> dict:
@@ -173,7 +187,7 @@ def run(request) -> Run:
     # The ids do not change the timing; 3 skips the reference tokenizer's special tokens.
     prompt = speed.prompt_for(case.length, protocol.ttft_fill, 3, vocab, seed=case.length)
     starts = speed.decode_starts(host, prompt, protocol.decode_steps)  # the cold prefill: loads, materialises
-    return Run(case, protocol, host, prompt, starts, speed.prefill_peak(host, prompt))
+    return Run(case, protocol, host, prompt, starts, speed.prefill_peak(host, prompt), _placement(case, folder))
 
 
 @dataclass
