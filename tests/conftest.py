@@ -91,6 +91,19 @@ def pytest_configure(config) -> None:
     from kdtrain.runtime.backend import describe_backend
 
     describe_backend()
+    _share_the_cores()
+
+
+def _share_the_cores() -> None:
+    """Under pytest-xdist, each worker's torch pool gets its share of the cores, not all of them:
+    two workers with a thread per core each on two cores spin-wait against each other (an L=512
+    MIL prefill took 1.6 s so, 0.3 s with one thread each). Subprocesses a test starts keep the
+    defaults."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        import torch
+
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
 
 
 @pytest.fixture(scope="session")
