@@ -5,7 +5,8 @@ Generated from the contracts and the artifacts, nothing listed by hand:
 - the protocol is ``runtime_budget.yaml``'s ``benchmarks`` section (``--kd-contracts``, else
   ``<rootdir>/contracts``): the prompt fills ``ttft_fill`` of the context, ``decode_steps``
   greedy steps are timed per round, ``warmup_rounds`` and ``rounds`` are pytest-benchmark's,
-  and ``regression`` is the rule ``make bench-gate`` fails on;
+  ``threads`` and ``clock`` say how rounds are timed, and ``regression`` is the rule
+  ``make bench-gate`` fails on;
 - the lengths are the artifacts' (``--kd-artifacts``, else ``<rootdir>/artifacts``): ``kdtrain
   convert``'s settings, which must equal the contract's enumerated lengths;
 - the backends: ``mil-reference`` (the MIL executor, FP16 and INT8 packages), ``torch`` (the
@@ -27,8 +28,14 @@ x precision, with the ratios MIL/torch and INT8/FP16.
 ``make bench`` runs this module with the other benchmarks; ``make bench-gate`` runs it alone and
 fails when a mean regresses past the contract's rule against the last saved run of this machine.
 
+The reference contract times with one thread (``threads: 1``) and counts each round in units of a
+reference workload timed just before it (``clock: machine``, :class:`kdtrain.runtime.speed.MachineClock`):
+pytest-benchmark's saved and compared means are then those units, steady on a shared runner;
+the printed table and ``extra_info`` keep wall milliseconds.
+
 Cost (2 CPU cores, Linux, torch's default 2 threads): at L=512 the MIL executor's prefill takes
-0.12-0.19 s and a decode step 25-35 ms, and ``-k 512`` runs in about 20 s. At L=4096 a MIL prefill
+0.12-0.19 s (0.18-0.27 s on one thread) and a decode step 25-35 ms, and ``-k 512`` runs in about
+35 s. At L=4096 a MIL prefill
 takes 5-10 s (20 s or more when other work shares the cores, 37 s cold) and a decode step 70 ms;
 each MIL case runs its prefill warmup_rounds + rounds + 2 times (the cold one, the traced one),
 so L=4096 costs about a minute per package and the whole module a few minutes.
@@ -40,7 +47,7 @@ import sys
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import pytest
 
@@ -48,6 +55,10 @@ from kdtrain.runtime import speed
 
 PRECISIONS = ("fp16", "int8")
 TABLE_PLUGIN = "kdtrain-runtime-speed-table"
+# pytest-benchmark's clock for every round here: seconds, or reference workloads where the
+# contract says ``clock: machine`` (set by the ``run`` fixture; see speed.MachineClock).
+CLOCK = speed.MachineClock()
+pytestmark = pytest.mark.benchmark(timer=CLOCK)
 
 
 @dataclass(frozen=True)
@@ -151,8 +162,8 @@ def _placement(case: Case, folder) -> dict | None:
 
 def _threads() -> dict:
     """The thread pools the measurement ran with: torch's intra-op pool (the MIL executor's large
-    kernels and the torch backend), BLAS and OpenMP. Left at the machine's defaults; on a machine
-    shared with other work they contend (see :func:`kdtrain.runtime.speed.single_threaded`)."""
+    kernels and the torch backend), BLAS and OpenMP: the contract's ``benchmarks.threads``, or
+    the machine's defaults when it says null (see :func:`kdtrain.runtime.speed.threads`)."""
     import torch
     from threadpoolctl import threadpool_info
 
@@ -170,7 +181,7 @@ def _session(case: Case, folder, student_path: Path):
 
 
 @pytest.fixture(scope="module")
-def run(request) -> Run:
+def run(request) -> Iterator[Run]:
     import json
 
     from kdtrain.artifacts import ArtifactsFolder
@@ -186,8 +197,10 @@ def run(request) -> Run:
     protocol = setup.protocol
     # The ids do not change the timing; 3 skips the reference tokenizer's special tokens.
     prompt = speed.prompt_for(case.length, protocol.ttft_fill, 3, vocab, seed=case.length)
-    starts = speed.decode_starts(host, prompt, protocol.decode_steps)  # the cold prefill: loads, materialises
-    return Run(case, protocol, host, prompt, starts, speed.prefill_peak(host, prompt), _placement(case, folder))
+    CLOCK.machine = protocol.clock == "machine"
+    with speed.threads(protocol.threads):  # the whole case, cold prefill included, in the contract's pools
+        starts = speed.decode_starts(host, prompt, protocol.decode_steps)  # the cold prefill: loads, materialises
+        yield Run(case, protocol, host, prompt, starts, speed.prefill_peak(host, prompt), _placement(case, folder))
 
 
 @dataclass
@@ -250,17 +263,43 @@ def speed_table(request) -> SpeedTable:
     return table
 
 
-def _mean(benchmark) -> float | None:
-    """The mean round in seconds; None when pytest-benchmark is disabled (--benchmark-disable, xdist)."""
-    return benchmark.stats.stats.mean if benchmark.stats else None
+def _mean_seconds(benchmark, seconds: list[float]) -> float | None:
+    """The mean round in seconds (wall time, whatever the gate's clock); None when pytest-benchmark
+    is disabled (--benchmark-disable, xdist)."""
+    return sum(seconds) / len(seconds) if benchmark.stats and seconds else None
+
+
+def _timed_rounds(benchmark, target: Callable, start: Callable, protocol) -> list[float]:
+    """Run the rounds: each round's setup calibrates the clock (``clock: machine``) after its own
+    work, so the workload is timed just before the round; returns each timed round's seconds."""
+    seconds: list[float] = []
+
+    def setup():
+        arguments = start()
+        CLOCK.calibrate()
+        return arguments
+
+    def round_(*args):
+        took, _ = speed.timed(target, *args)
+        seconds.append(took)
+
+    benchmark.pedantic(round_, setup=setup, rounds=protocol.rounds, warmup_rounds=protocol.warmup_rounds, iterations=1)
+    return seconds[protocol.warmup_rounds:]
+
+
+def _clock_info() -> dict:
+    """The gate's clock, and the reference workload's mean seconds (its unit) where it counts in them."""
+    units = CLOCK.units
+    return {"clock": "machine" if CLOCK.machine else "wall", "workload_s": sum(units) / len(units) if units else None}
 
 
 def test_ttft(benchmark, run: Run, speed_table: SpeedTable):
     p = run.protocol
     benchmark.group = f"TTFT L={run.case.length}"
-    benchmark.pedantic(speed.first_token, args=(run.host, run.prompt), rounds=p.rounds, warmup_rounds=p.warmup_rounds, iterations=1)
-    mean = _mean(benchmark)
-    benchmark.extra_info.update(run.info(), ttft_ms=mean and mean * 1e3)
+    CLOCK.units.clear()
+    seconds = _timed_rounds(benchmark, speed.first_token, lambda: ((run.host, run.prompt), {}), p)
+    mean = _mean_seconds(benchmark, seconds)
+    benchmark.extra_info.update({**run.info(), **_clock_info()}, ttft_ms=mean and mean * 1e3)
     speed_table.record(run.case, ttft=mean, peak=run.peak_bytes)
 
 
@@ -272,8 +311,9 @@ def test_decode(benchmark, run: Run, speed_table: SpeedTable):
         return (run.host, state, token, p.decode_steps), {}
 
     benchmark.group = f"decode {p.decode_steps} steps L={run.case.length}"
-    benchmark.pedantic(speed.greedy, setup=start, rounds=p.rounds, warmup_rounds=p.warmup_rounds, iterations=1)
-    mean = _mean(benchmark)
+    CLOCK.units.clear()
+    seconds = _timed_rounds(benchmark, speed.greedy, start, p)
+    mean = _mean_seconds(benchmark, seconds)
     rate = p.decode_steps / mean if mean else None
-    benchmark.extra_info.update(run.info(), tokens_per_s=rate)
+    benchmark.extra_info.update({**run.info(), **_clock_info()}, tokens_per_s=rate)
     speed_table.record(run.case, decode=rate, peak=run.peak_bytes)

@@ -74,6 +74,8 @@ class Benchmarks:
     warmup_rounds: int
     rounds: int
     regression: str  # pytest-benchmark's --benchmark-compare-fail expression, e.g. "mean:20%"
+    threads: int | None = None  # torch's and BLAS's pools while timing; None: the machine's defaults
+    clock: str = "wall"  # "machine": rounds in units of a reference workload (kdtrain.runtime.speed.MachineClock)
 
 
 @dataclass(frozen=True)

@@ -47,7 +47,7 @@ class ABResult:
     # Peak bytes of one warm prefill (speed.peak_bytes); None where the backend's are not observable.
     peak_fp16_bytes: int | None = None
     peak_int8_bytes: int | None = None
-    timed_threads: int | None = None  # threads while timing: 1 (kdtrain.runtime.speed.single_threaded)
+    timed_threads: int | None = None  # threads while timing: 1 (kdtrain.runtime.speed.threads)
 
     @property
     def size_ratio(self) -> float:
@@ -128,13 +128,13 @@ def measure_ab(fp16, int8, prompts: list[list[int]], steps: int, length: int, pa
     calls interleaved so that a load on the machine falls on both. Medians: the A/B has a few
     samples on a machine that may be shared, and one slow sample must not decide the ratio.
     Last, one traced prefill of each (:func:`kdtrain.runtime.speed.prefill_peak`). All of it
-    single-threaded (:func:`kdtrain.runtime.speed.single_threaded`: the ratio stays stable on a
+    single-threaded (:func:`kdtrain.runtime.speed.threads`: the ratio stays stable on a
     machine shared with other work); the logits do not depend on it."""
     usable = [p[: length - steps - 1] for p in prompts if p]
     timed = timed and bool(usable)
     if not timed:
         return _measure(fp16, int8, usable, steps, length, pad_id, sizes, weights, False)
-    with speed.single_threaded():
+    with speed.threads(1):
         return _measure(fp16, int8, usable, steps, length, pad_id, sizes, weights, True)
 
 
