@@ -153,11 +153,12 @@ def _placement(case: Case, folder) -> dict | None:
     if case.backend != "coreml":
         return None
     from kdtrain.artifact_table import coreml_package
+    from kdtrain.coreml.inspect import functions_io
     from pytest_kdcontracts.contracts.coreml_ane import compute_plan_residency
 
     package = folder.path(coreml_package(case.length, case.precision))
     return {function: dict(zip(("ane_op_fraction", "ane_cost_fraction"), compute_plan_residency(package, function)[:2]))
-            for function in ("prefill", "decode")}
+            for function in functions_io(package)}
 
 
 def _threads() -> dict:

@@ -40,6 +40,8 @@ FAMILIES: tuple[Family, ...] = (
     Family("ablations", "ablations.yaml", "ablations.schema.json", "ablations"),
     Family("gates", "gates.yaml", "gates.schema.json", "gates"),
     Family("runtime_budget", "runtime_budget.yaml", "runtime_budget.schema.json", "runtime"),
+    Family("judge", "judge.yaml", "judge.schema.json", "judge"),
+    Family("speculative", "speculative.yaml", "speculative.schema.json", "speculative"),
 )
 
 

@@ -6,9 +6,10 @@ every reader finds it the usual way), checked to be what that name's kind is (a 
 folder, a tokenizer.json, a transformers checkpoint, an mlpackage, a corpus), and recorded in
 the manifest with its kind and hash. The ``add`` stage record keeps where each came from.
 
-A package says nothing about the host API it speaks. Golden and prefill/decode items drive
-a package through host API 1.0 (functions ``prefill`` and ``decode`` sharing the KV-cache
-states); ``--host-api`` declares that it does, and without it those items fail saying why.
+A package says nothing about the host API it speaks. Golden, prefill/decode and verify/decode
+items drive a package through the contract's host API (1.0: functions ``prefill`` and ``decode``
+sharing the KV-cache states; 1.1: and ``verify``); ``--host-api`` declares that it does, and
+without it those items fail saying why. A 1.0 package goes with a contract without ``verify``.
 """
 
 from __future__ import annotations

@@ -69,6 +69,16 @@ QUANT_SIZE_ACCURACY_PLOT = Artifact("quant.size_accuracy_plot", "quant/size_accu
 RUNTIME_CONFIG = Artifact("runtime.config", "runtime/runtime_config.json", "config/runtime-budget", "runtime")
 RUNTIME_MEMORY_PLOT = Artifact("runtime.memory_plot", "runtime/memory.png", "plot/runtime-memory", "runtime")
 
+# Speculative decoding of held-out prompts by each drafter/worker pair (contracts/speculative.yaml; kdtrain.runtime.speculative).
+SPECULATIVE_REPORT = Artifact("speculative.report", "speculative/report.json", "report/speculative", "speculative")
+SPECULATIVE_PLOT = Artifact("speculative.acceptance_plot", "speculative/acceptance.png", "plot/speculative-acceptance", "speculative")
+
+# The judge checked against objective signals (contracts/judge.yaml; kdtrain.judge).
+JUDGE_PROBES = Artifact("judge.probes", "judge/probes", "corpus/judge-probes", "judge")
+JUDGE_REPORT = Artifact("judge.report", "judge/report.json", "report/judge-sanity", "judge")
+JUDGE_PLOT = Artifact("judge.plot", "judge/report.png", "plot/judge-sanity", "judge")
+JUDGE_CACHE = Artifact("judge.cache", "judge/cache", "cache/judge-replies", "judge")  # API judges only
+
 # Every artifact of fixed name, in pipeline order (the families below are per length).
 FIXED: tuple[Artifact, ...] = (
     TOKENIZER_TEACHER, TOKENIZER_STUDENT, TOKENIZER_RUNTIME, MIGRATION_AUDIT,
@@ -79,7 +89,9 @@ FIXED: tuple[Artifact, ...] = (
     ABLATIONS_RUNS, ABLATIONS_RESULTS, ABLATIONS_PLOT,
     QUANT_CALIBRATION, QUANT_ACTIVATION_STATS, QUANT_ACTIVATION_PLOT, QUANT_AB, QUANT_SIZE_ACCURACY_PLOT,
     RUNTIME_CONFIG, RUNTIME_MEMORY_PLOT,
+    SPECULATIVE_REPORT, SPECULATIVE_PLOT,
     GATES_HALT, GATES_HALT_PLOTS, GATES_SCENARIOS, GATES_SCENARIOS_PLOT, GATES_VERDICT,
+    JUDGE_PROBES, JUDGE_REPORT, JUDGE_PLOT, JUDGE_CACHE,
 )
 
 # The stage that writes each precision's mlpackages.
@@ -87,7 +99,7 @@ _PACKAGE_STAGES = {"fp16": "convert", "int8": "quantize"}
 
 
 def export_graph(function: str, length: int) -> Artifact:
-    """The exported graph's summary of ``function`` (prefill, decode) at one length."""
+    """The exported graph's summary of ``function`` (prefill, decode, verify) at one length."""
     return Artifact(f"export.graph.{function}.{length}", f"export/{function}-{length}/graph.json", "export/graph-summary", "export")
 
 

@@ -117,7 +117,8 @@ def _add_init_command(sub) -> None:
     add.add_argument("path", metavar="PATH", help="the file or folder (copied into the artifacts folder)")
     add.add_argument("--out", required=True, help="the artifacts folder")
     add.add_argument("--host-api", help="a Core ML package: the host API it speaks (1.0: functions prefill and decode "
-                     "sharing the KV-cache states); without it, golden and prefill/decode items fail saying why")
+                     "sharing the KV-cache states; 1.1: and verify); without it, golden, prefill/decode and verify/decode "
+                     "items fail saying why")
     add.set_defaults(func=_add)
     init = sub.add_parser("init", help="write a starter project (contracts, distill config) for your own teacher and student")
     init.add_argument("dir", metavar="DIR", help="project folder: contracts/, distill.yaml, artifacts/, golden/")
@@ -198,7 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
                                            "runtime/runtime_config.json and memory.png, logs the table (same as pipeline --stages runtime)")
     _add_stage_arguments(budget)
     budget.set_defaults(func=_pipeline, stages="runtime")
-    for stage in ("export", "convert", "quantize"):
+    for stage in ("export", "convert", "quantize", "judge"):
         one = sub.add_parser(stage, help=f"run the {stage} stage alone (same as pipeline --stages {stage})")
         _add_stage_arguments(one)
         one.set_defaults(func=_pipeline, stages=stage)

@@ -108,7 +108,9 @@ STAGES: dict[str, Callable[[StageContext], None]] = {
     "convert": _lazy("kdtrain.coreml.stage", "stage_convert"),
     "quantize": _lazy("kdtrain.quant.stage", "stage_quantize"),
     "runtime": _lazy("kdtrain.runtime.budget", "stage_runtime"),
+    "speculative": _lazy("kdtrain.runtime.speculative_stage", "stage_speculative"),
     "gates": _lazy("kdtrain.gates.stage", "stage_gates"),
+    "judge": _lazy("kdtrain.judge.stage", "stage_judge"),
 }
 
 

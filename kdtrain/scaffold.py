@@ -14,7 +14,12 @@ No ``ablations.yaml`` and no ``gates.yaml``: their baselines and bounds come fro
 trust, so a new project starts without them; the ablations and gates stages say they have
 nothing to run, the data stage holds out no gate data, the curriculum telemetry is off (it
 measures on the held-out set), and a full ``kdtrain distill`` needs ``--skip-gate`` until a
-``gates.yaml`` and a passing ``kdtrain evaluate`` exist.
+``gates.yaml`` and a passing ``kdtrain evaluate`` exist. No ``judge.yaml`` for the same reason
+(the reference's bounds are a 135M judge's, null where it cannot judge; a judge's floors come
+from one you trust), and judging with an API teacher spends its calls: the judge stage says it
+has nothing to judge until you add one. No ``speculative.yaml`` either: its acceptance and
+segment bounds are a measured drafter/worker pair's (the speculative stage says it has nothing to
+measure).
 """
 
 from __future__ import annotations
@@ -157,7 +162,7 @@ def _coreml_contract(lengths: tuple[int, ...], student_config, vocab: int, golde
     for function in contract["functions"].values():
         for output in function["outputs"]:
             if output["name"] == "logits":
-                output["shape"] = [1, vocab]
+                output["shape"] = [*output["shape"][:-1], vocab]  # [1, V]; verify's [1, S, V]
         for state in function["states"]:
             state["shape"] = list(cache)
     return contract

@@ -176,24 +176,25 @@ class Runtime:
             self._student = StudentLM.from_pretrained(self._artifacts.path(self._artifacts.exported_student()))
         return self._student
 
-    def for_length(self, length: int, host_api_version: str):
+    def for_length(self, length: int, host_api_version: str, segment: int | None = None):
+        """``segment``: verify's S as the contract declares it (the PyTorch verify program's)."""
         from types import SimpleNamespace
 
         from kdtrain.runtime.backend import TorchSession
         from kdtrain.runtime.host import Host, check_host_api
 
         check_host_api(self._artifacts, host_api_version)
-        if length not in self._by_length:
+        if (length, segment) not in self._by_length:
             pad_id = self._tokenizers["student"].transformers.pad_token_id
             session = self._coreml.session(length)
-            self._by_length[length] = SimpleNamespace(
+            self._by_length[length, segment] = SimpleNamespace(
                 backend=session.backend,
                 session=session,
                 host=Host(session, length, pad_id),
-                torch_host=Host(PrefillOnce(TorchSession(self.student, length)), length, pad_id),
+                torch_host=Host(PrefillOnce(TorchSession(self.student, length, segment)), length, pad_id),
                 student=self.student,
             )
-        return self._by_length[length]
+        return self._by_length[length, segment]
 
 
 @pytest.fixture(scope="session")

@@ -125,6 +125,13 @@ def test_contracts(tmp_path_factory) -> Path:
     # Two steps of halt loss (TEST_DISTILL) rank stops at AUC 0.82 on this build; 24 rank them at 0.90.
     gates["halt"]["bounds"]["auc"]["min"] = 0.7
     (folder / "gates.yaml").write_text(yaml.safe_dump(gates))
+    speculative = yaml.safe_load((folder / "speculative.yaml").read_text())
+    speculative.update(TEST_SPECULATIVE["contract"])
+    speculative["pairs"][0].update(TEST_SPECULATIVE["teacher_pair"])
+    (folder / "speculative.yaml").write_text(yaml.safe_dump(speculative, sort_keys=False))
+    judge = yaml.safe_load((folder / "judge.yaml").read_text())
+    judge["probes"].update(TEST_JUDGE_PROBES)
+    (folder / "judge.yaml").write_text(yaml.safe_dump(judge))
     return folder
 
 
@@ -150,6 +157,21 @@ TEST_ABLATIONS = {"slice": 4, "steps": 2, "samples": 1, "sample_tokens": 6}
 # case on two cores. The reference sizes (315 calibration examples, ten cases per scenario)
 # are pinned by tests/test_halt_set.py and tests/test_scenario_cases.py.
 TEST_GATES = {"bases_per_scenario": 3, "cases_per_scenario": 2, "max_new_tokens": 24, "max_rounds": 3}  # two calls, then the answer
+# Speculative decoding at L=128 (the first tool-chain and long-reasoning prompts fit) on 2 x 24
+# tokens. The test build's student (3 steps) repeats one token and its halt head is flat (P about
+# 0.02): a threshold below it ends every segment at one token, accepted 19% of the time here (7
+# of 37); a head that never fires runs segments to 7 tokens, 4% of each accepted, below the band;
+# a drafter shifted by one id makes 1.05 tokens per verification, below the floor (the student's
+# repeated digit, shifted, is sometimes the teacher's next one: its acceptance rate stays 0.05).
+TEST_SPECULATIVE = {
+    "contract": {"lengths": [128], "prompts": {"count": 2, "max_new_tokens": 24}},
+    "teacher_pair": {"segments": {"min": 1, "max": 7, "halt_threshold": 0.01},
+                     "bounds": {"acceptance_rate": {"min": 0.01}, "mean_accepted_length": {"min": 1.1},
+                                "segment_accepted_fraction": {"min": 0.1, "max": 1.0}}},
+}
+# The judge's probe set cut down too: the teacher reads both orders of every pair (the reference
+# sizes are built by tests/test_judge_contract.py's fault tests, with scripted judges).
+TEST_JUDGE_PROBES = {"pairs_per_kind": 2, "graded_tasks": 2}
 
 
 def distill_config_data(artifacts: Path | str, **changes) -> dict:
@@ -260,16 +282,39 @@ class Workspace:
 
         return StageContext(ArtifactsFolder.open(self.artifacts), self.contracts)
 
-    def reconvert(self, checkpoint: Path, length: int, islands=None) -> None:
-        """Re-export and convert one length into this workspace (after patching kdtrain)."""
+    def reconvert(self, checkpoint: Path, length: int, islands=None, only: tuple[str, ...] | None = None) -> None:
+        """Re-export and convert one length into this workspace (after patching kdtrain). ``only``:
+        convert just these functions and keep the package's others (one conversion instead of three)."""
+        from dataclasses import replace
+
         from kdtrain.artifact_table import coreml_package
         from kdtrain.coreml.stage import convert_length
         from kdtrain.student.model import StudentLM
 
         ctx = self.stage_context()
         islands = ctx.contract("precision_islands.yaml").islands if islands is None else islands
-        convert_length(StudentLM.from_pretrained(checkpoint), length, ctx.contract("coreml_contract.json"),
-                       ctx.contract("export_lint.yaml").rules, islands, self.artifacts / coreml_package(length).path)
+        coreml, package = ctx.contract("coreml_contract.json"), self.artifacts / coreml_package(length).path
+        converted = package if only is None else self.pytester.path / "converted.mlpackage"
+        functions = {f: coreml.functions[f] for f in only or coreml.functions}
+        convert_length(StudentLM.from_pretrained(checkpoint), length, replace(coreml, functions=functions),
+                       ctx.contract("export_lint.yaml").rules, islands, converted)
+        if only is not None:
+            self._merge_functions(package, converted, only, tuple(coreml.functions))
+
+    def _merge_functions(self, package: Path, converted: Path, only: tuple[str, ...], functions: tuple[str, ...]) -> None:
+        """``package`` with ``only`` taken from ``converted``; the old folder is unlinked, not written
+        through (its files are hard links to the reference build)."""
+        import coremltools as ct
+
+        desc = ct.utils.MultiFunctionDescriptor()
+        for name in functions:
+            desc.add_function(str(converted if name in only else package), src_function_name=name, target_function_name=name)
+        desc.default_function_name = functions[0]
+        merged = self.pytester.path / "merged.mlpackage"
+        ct.utils.save_multifunction(desc, str(merged))
+        shutil.rmtree(package)
+        shutil.move(merged, package)
+        shutil.rmtree(converted)
 
     def run(self, *args: str) -> pytest.RunResult:
         return self.pytester.runpytest_inprocess("--kd-contracts", str(self.contracts), "-p", "no:cacheprovider", *args)

@@ -46,7 +46,8 @@ def _build(root: Path) -> Path:
     _run("-m", "kdtrain.cli", "pipeline", "--config", str(project / "distill.yaml"), "--contracts", str(project / "contracts"),
          "--out", str(project / "artifacts"), cwd=root)
     _run("-m", "pytest", "--kd-contracts", "contracts", "-m", "golden", "--snapshot-update", "-p", "no:cacheprovider", "-q", cwd=project)
-    assert sorted(p.name for p in (project / "golden/coreml_contract").iterdir()) == ["golden[decode-64].npz", "golden[prefill-64].npz"]
+    assert sorted(p.name for p in (project / "golden/coreml_contract").iterdir()) == [
+        "golden[decode-64].npz", "golden[prefill-64].npz", "golden[verify-64].npz"]
     return project
 
 
@@ -197,23 +198,25 @@ def _package_from_elsewhere(pytester, own_project: Path, host_api: str | None) -
 
 
 def test_a_package_converted_elsewhere_is_verified_against_the_checkpoint_the_user_names(pytester, own_project):
-    contracts = _package_from_elsewhere(pytester, own_project, "1.0")
+    contracts = _package_from_elsewhere(pytester, own_project, "1.1")
     manifest = json.loads((pytester.path / "artifacts/manifest.json").read_text())
     assert manifest["artifacts"]["coreml.fp16.64"]["stage"] == "add" and manifest["artifacts"]["coreml.fp16.64"]["kind"].startswith("coreml/")
     result = pytester.runpytest_inprocess("--kd-contracts", str(contracts), "-p", "no:cacheprovider")
     outcomes = result.parseoutcomes()
     assert outcomes.get("failed", 0) == 0 and outcomes.get("error", 0) == 0 and outcomes["passed"] >= 8, result.stdout.str()[-3000:]
-    result.stdout.fnmatch_lines(["*coreml_contract.json::golden*2 passed*", "*coreml_contract.json::io*2 passed*"])
+    result.stdout.fnmatch_lines(["*coreml_contract.json::golden*3 passed*", "*coreml_contract.json::io*3 passed*",
+                                 "*coreml_contract.json::verify_decode*1 passed*"])
 
 
 def test_a_package_without_a_declared_host_api_fails_golden_saying_why(pytester, own_project):
     contracts = _package_from_elsewhere(pytester, own_project, None)
     result = pytester.runpytest_inprocess("--kd-contracts", str(contracts), "-p", "no:cacheprovider")
     failed = {line.split("::")[1].split(" ")[0] for line in result.outlines if line.startswith("FAILED contracts/")}
-    assert failed == {"host_api_version", "golden[prefill-64]", "golden[decode-64]", "prefill_decode[64]"}
+    assert failed == {"host_api_version", "golden[prefill-64]", "golden[decode-64]", "golden[verify-64]", "prefill_decode[64]",
+                      "verify_decode[64]"}
     result.stdout.fnmatch_lines(["*registered with `kdtrain add` without --host-api*"])
     # IO and the islands do not need the host API: the packages are still checked.
-    result.stdout.fnmatch_lines(["*coreml_contract.json::io*2 passed*", "*precision_islands.yaml::islands*2 passed*"])
+    result.stdout.fnmatch_lines(["*coreml_contract.json::io*3 passed*", "*precision_islands.yaml::islands*3 passed*"])
 
 
 def test_kdtrain_add_command_registers_and_refuses(own_project, tmp_path):

@@ -199,7 +199,8 @@ def test_a_nul_byte_in_the_artifacts_path_is_a_collection_error_through_pytest(p
     folder = pytester.path / "contracts"
     shutil.copytree(REPO / "contracts", folder)
     for name in ("coreml_contract.json", "export_lint.yaml", "precision_islands.yaml", "quant_recipe.yaml",
-                 "tokens.json", "tool_registry.json", "distill_data.yaml", "ablations.yaml", "runtime_budget.yaml"):
+                 "tokens.json", "tool_registry.json", "distill_data.yaml", "ablations.yaml", "runtime_budget.yaml",
+                 "speculative.yaml"):
         (folder / name).unlink()
     _plant(folder, "manifest.json", NUL_PATHS[0][2])
     result = pytester.runpytest_inprocess("--kd-contracts", str(folder), "-p", "no:cacheprovider", "--collect-only")

@@ -10,7 +10,7 @@ import torch
 from kdcontracts.models.export_lint import LintRules
 from kdtrain.export.graph import summarize_program
 from kdtrain.export.lint import lint
-from kdtrain.export.programs import PrefillProgram, example_inputs
+from kdtrain.export.programs import PrefillProgram, VerifyProgram, example_inputs
 from kdtrain.student.model import StudentConfig, StudentLM
 
 RULES = LintRules(
@@ -47,6 +47,11 @@ def test_reference_prefill_is_clean():
     assert lint(_export(PrefillProgram(StudentLM(TINY), 16), "prefill"), RULES) == []
 
 
+def test_reference_verify_is_clean_with_its_one_cast():
+    """The one-hot placement is the verify graph's one cast (bool -> float); its positions stay int32."""
+    assert lint(_export(VerifyProgram(StudentLM(TINY), 16), "verify"), replace(RULES, cast_baseline={"verify": 1})) == []
+
+
 def test_int64_into_the_mask_and_softmax_is_named_with_its_module():
     findings = lint(_export(Int64MaskPrefill(StudentLM(TINY), 16), "prefill"), RULES)
     int64 = [f for f in findings if f.rule == "int64-path"]
@@ -60,7 +65,9 @@ def test_transformers_llama_is_caught_before_conversion(monkeypatch):
     import coremltools as ct
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    from kdcontracts.families import load
     from kdtrain.coreml import stage
+    from conftest import REPO
 
     config = LlamaConfig(vocab_size=101, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, use_cache=False)
@@ -75,7 +82,7 @@ def test_transformers_llama_is_caught_before_conversion(monkeypatch):
     monkeypatch.setattr(stage, "export_program", lambda *a: program)
     monkeypatch.setattr(ct, "convert", lambda *a, **k: pytest.fail("conversion attempted"))
     with pytest.raises(stage.LintError, match="conversion not attempted, the linter found"):
-        stage.convert_length(llama, 16, None, RULES, (), None)
+        stage.convert_length(llama, 16, load(REPO / "contracts/coreml_contract.json"), RULES, (), None)
 
 
 def test_nodes_out_of_topological_order_are_reported():

@@ -1,6 +1,7 @@
-"""Golden, prefill/decode and host-API items fail on the right item with a clear message:
-flipped weight bytes, an FP16 mask built from float32's min, an off-by-one KV index, a
-snapshot made for another model, artifacts of another host API version."""
+"""Golden, prefill/decode, verify/decode and host-API items fail on the right item with a clear
+message: flipped weight bytes, an FP16 mask built from float32's min, an off-by-one KV index, a
+verify that writes its rows to the wrong slots, a snapshot made for another model, artifacts of
+another host API version."""
 
 from __future__ import annotations
 
@@ -19,7 +20,8 @@ PACKAGE = coreml_package(64).path
 @pytest.fixture
 def golden_workspace(workspace):
     """A workspace whose golden/ snapshots were written from the reference artifacts."""
-    workspace.run("--snapshot-update", "-m", "golden").assert_outcomes(passed=6)
+    # the snapshots alone (3 functions x 2 lengths): the consistency items write none
+    workspace.run("--snapshot-update", "-m", "golden", "-k", "not prefill_decode and not verify_decode").assert_outcomes(passed=6)
     return workspace
 
 
@@ -43,7 +45,8 @@ def test_fp16_mask_from_float32_min_gives_nan_and_fails(golden_workspace, refere
         patch.setattr(programs, "MASK_MIN", float(torch.finfo(torch.float32).min))
         golden_workspace.reconvert(reference_artifacts / STUDENT_DISTILLED.path, 64)
     result = golden_workspace.run("-m", "golden", "-k", "64")
-    assert golden_workspace.failed(result) == {"golden[prefill-64]", "golden[decode-64]", "prefill_decode[64]"}
+    assert golden_workspace.failed(result) == {"golden[prefill-64]", "golden[decode-64]", "golden[verify-64]",
+                                               "prefill_decode[64]", "verify_decode[64]"}
     result.stdout.fnmatch_lines([
         "*prefill-64 logits, mil-reference vs PyTorch",
         "*expected: cosine >= 0.999, no NaN or Inf",
@@ -68,6 +71,25 @@ def test_off_by_one_kv_index_fails_prefill_decode(golden_workspace, reference_ar
         "*KV cache after decode step 1 at L=64",
         "*expected: position 17 -> 18, slot 17 written",
         "*found:    position 18, slots written [[]18[]]",
+    ])
+
+
+def test_verify_writing_its_rows_one_slot_too_far_fails_verify_decode(workspace, reference_artifacts, monkeypatch):
+    import kdtrain.export.programs as programs
+
+    class OneSlotTooFar(programs.VerifyProgram):
+        def forward(self, input_ids, position):
+            return super().forward(input_ids, position + 1)  # rows at slots position+1.., roped there too
+
+    with monkeypatch.context() as patch:
+        patch.setitem(programs.PROGRAMS, "verify", OneSlotTooFar)
+        workspace.reconvert(reference_artifacts / STUDENT_DISTILLED.path, 64, only=("verify",))
+    result = workspace.run("-k", "verify_decode")
+    assert workspace.failed(result) == {"verify_decode[64]"}  # decode and the other length unharmed
+    result.stdout.fnmatch_lines([
+        "*coreml_contract.json: KV cache after verify of 8 tokens at position 17, L=64",
+        "*expected: position 17 -> 25, slots 17..24 written",
+        "*found:    position 25, slots written [[]18, 19, 20, 21, 22, 23, 24, 25[]]",
     ])
 
 
@@ -142,4 +164,4 @@ def test_artifacts_of_another_host_api_version_fail_loudly(workspace):
     workspace.edit_json("manifest.json", lambda m: m["stages"]["convert"]["settings"].update(host_api_version="0.9"))
     result = workspace.run("-k", "host_api_version or prefill_decode")
     assert workspace.failed(result) == {"host_api_version", "prefill_decode[64]", "prefill_decode[128]"}
-    result.stdout.fnmatch_lines(["*at stages.convert.settings.host_api_version: expected '1.0'*, found '0.9'; re-run `kdtrain convert`"])
+    result.stdout.fnmatch_lines(["*at stages.convert.settings.host_api_version: expected '1.1'*, found '0.9'; re-run `kdtrain convert`"])

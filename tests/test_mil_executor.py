@@ -94,3 +94,15 @@ def test_intermediates_are_dropped_once_dead_and_outputs_kept(tmp_path):
     dead = {name for names in executor._last_use("main").values() for name in names}
     function = executor.program.functions["main"]
     assert dead and not dead & ({v.name for v in function.outputs} | set(function.inputs))
+
+
+def test_the_functions_of_a_package_share_their_weights(reference_artifacts):
+    """A multifunction package stores each weight once; the executor dequantizes it once and keeps
+    one array (and one FP32 twin) for prefill, decode and verify."""
+    from kdtrain.artifact_table import coreml_package
+
+    executor = MILExecutor(reference_artifacts / coreml_package(64, "int8").path)
+    prefill, decode, verify = (executor._constants(f) for f in ("prefill", "decode", "verify"))
+    weights = [name for name, value in verify.items() if name in prefill and name in decode
+               and isinstance(value, np.ndarray) and value.dtype == np.float16 and value.size > 1 << 16]
+    assert len(weights) >= 20 and all(verify[n] is prefill[n] is decode[n] for n in weights)  # dequantized once

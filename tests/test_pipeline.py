@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from kdtrain.artifact_table import (FIXED, MIGRATION_AUDIT, QUANT_SIZE_ACCURACY_PLOT, STUDENT_CHECKPOINT, STUDENT_DISTILLED,
+from kdtrain.artifact_table import (FIXED, JUDGE_CACHE, MIGRATION_AUDIT, QUANT_SIZE_ACCURACY_PLOT, STUDENT_CHECKPOINT, STUDENT_DISTILLED,
                                     STUDENT_INIT, TEACHER_BUDGET, coreml_package, export_graph, export_lint)
 from kdtrain.artifacts import ArtifactsFolder
 from kdtrain.tokenizers.migration import TAGS
@@ -15,13 +15,13 @@ def test_manifest_lists_every_reference_artifact(reference_artifacts):
     from conftest import TEST_LENGTHS
 
     folder = ArtifactsFolder.open(reference_artifacts)
-    per_length = {family(fn, n) for family in (export_graph, export_lint) for fn in ("prefill", "decode") for n in TEST_LENGTHS}
+    per_length = {family(fn, n) for family in (export_graph, export_lint) for fn in ("prefill", "decode", "verify") for n in TEST_LENGTHS}
     per_length |= {coreml_package(n, p) for p in ("fp16", "int8") for n in TEST_LENGTHS}
-    expected = {a for a in FIXED if a is not TEACHER_BUDGET} | per_length  # the reference teacher is local: no budget
+    expected = {a for a in FIXED if a not in (TEACHER_BUDGET, JUDGE_CACHE)} | per_length  # the reference teacher is local: no budget, no API replies
     assert {name: (e.path, e.kind, e.stage) for name, e in folder.manifest.artifacts.items()} == {
         a.name: (a.path, a.kind, a.stage) for a in expected}
     assert set(folder.manifest.stages) == {"tokenizers", "data", "student", "teacher", "distill", "ablations", "export",
-                                           "convert", "quantize", "runtime", "gates"}
+                                           "convert", "quantize", "runtime", "speculative", "gates", "judge"}
     assert folder.exported_student() == STUDENT_DISTILLED
     assert folder.path(QUANT_SIZE_ACCURACY_PLOT).stat().st_size > 0
     assert all(folder.path(name).exists() for name in folder.manifest.artifacts)

@@ -51,6 +51,13 @@ def test_evaluate_writes_the_verdict(folder):
     assert "artifacts written to" in done.stdout and "gate verdict: passed" in done.stderr
 
 
+@pytest.mark.slow  # the judge stage runs in every reference build; this is its command-line spelling (loads the teacher)
+def test_judge_writes_the_report(folder):
+    done = run("kdtrain", "judge", "--out", str(folder / "artifacts"), "--contracts", str(folder / "contracts"),
+               "--config", str(folder / "distill.yaml"))
+    assert "artifacts written to" in done.stdout and "stage judge: probe_set" in done.stderr
+
+
 def test_budget_writes_the_runtime_config_and_logs_the_table(folder):
     done = run("kdtrain", "budget", "--out", str(folder / "artifacts"), "--contracts", str(folder / "contracts"))
     assert "artifacts written to" in done.stdout and "sessions" in done.stderr and "yi-1.5-9b" in done.stderr
@@ -88,7 +95,7 @@ def test_make_golden_rewrites_the_snapshots(folder):
     shutil.rmtree(folder / "golden/coreml_contract")
     make("golden", folder)
     assert sorted(p.name for p in (folder / "golden/coreml_contract").iterdir()) == [
-        f"golden[{fn}-{length}].npz" for fn in ("decode", "prefill") for length in (128, 64)]
+        f"golden[{fn}-{length}].npz" for fn in ("decode", "prefill", "verify") for length in (128, 64)]
 
 
 @pytest.mark.slow  # the benchmarks take minutes by design: `make test-all`

@@ -1,4 +1,4 @@
-"""The export-friendly student: transformers' Llama numbers, and prefill + decode == forward."""
+"""The export-friendly student: transformers' Llama numbers, prefill + decode == forward, verify == decode steps."""
 
 from __future__ import annotations
 
@@ -74,3 +74,33 @@ def test_prefill_then_decode_equals_full_forward(reference_artifacts, prompt_len
             position = torch.tensor([prompt_length + step], dtype=torch.int32)
             logits, _ = decode(ids[:, prompt_length + step : prompt_length + step + 1], position)
             assert _compare(full[prompt_length + step], logits[0])[1] > 0.99999, step
+
+
+def test_verify_equals_decode_steps_and_a_rollback_forgets_the_rejected_tail(reference_artifacts):
+    """The torch programs behind host API 1.1: a segment's rows are the decode steps' logits, a
+    rollback past a wrong draft leaves nothing of it behind, and a short padded segment at the end
+    of the context writes no slot past L."""
+    import numpy as np
+
+    from kdtrain.runtime.backend import TorchSession
+    from kdtrain.runtime.host import Host
+
+    student = StudentLM.from_pretrained(reference_artifacts / "student/checkpoint")
+    length, segment = 32, 4
+    host = Host(TorchSession(student, length, segment), length, pad_id=0)
+    prompt = [1, 520, 33, 990, 1200, 77]
+    state, logits = host.prefill(prompt)
+    tokens, decoded = [], []
+    for _ in range(segment + 2):
+        tokens.append(int(np.argmax(logits)))
+        state, logits = host.decode_step(state, tokens[-1])
+        decoded.append(logits)
+    state, _ = host.prefill(prompt)
+    state, verified, halt = host.verify(state, tokens[:2] + [7, 8], segment)  # a draft wrong from its third token
+    assert verified.shape == (segment, student.config.vocab_size) and halt.shape == (segment,) and state.position == len(prompt) + 4
+    np.testing.assert_allclose(verified[:2], np.stack(decoded[:2]), atol=1e-4)
+    state, verified, _ = host.verify(host.rollback(state, len(prompt) + 2), tokens[2:5], segment)  # 3 of 4: padded
+    np.testing.assert_allclose(verified, np.stack(decoded[2:5]), atol=1e-4)
+    state, _ = host.prefill(list(range(1, length - 1)))
+    state, verified, _ = host.verify(state, [5, 6], segment)  # slots 30, 31; the padding's 32, 33 are past L
+    assert state.position == length and np.isfinite(verified).all()

@@ -15,33 +15,34 @@ def _added(data: dict, text: str) -> dict:
 
 def test_reference_artifacts_pass_every_contract(workspace):
     first = workspace.run("--snapshot-update")  # golden/ starts empty in a fresh workspace
-    first.assert_outcomes(passed=193)
-    first.stdout.fnmatch_lines(["*7 snapshots generated*"])  # 4 golden vectors, 3 ablation baselines
+    first.assert_outcomes(passed=214)
+    first.stdout.fnmatch_lines(["*9 snapshots generated*"])  # 6 golden vectors, 3 ablation baselines
     result = workspace.run()
-    result.assert_outcomes(passed=193)
+    result.assert_outcomes(passed=214)
     result.stdout.fnmatch_lines([
         "kdcontracts: contracts *contracts",
         "kdcontracts: artifacts *artifacts (from manifest.json)",
         "kdcontracts: backend mil-reference (MIL reference executor*",
         "kdcontracts: tokenizer runtime  sha256:*",
-        "*7 snapshots passed*",
+        "*9 snapshots passed*",
         "*= kdcontracts =*",
         "passed  ablations.yaml::baseline *3 passed",
         "passed  ablations.yaml::protocol *1 passed",
-        "passed  coreml_contract.json::ane_residency *4 passed",
-        "passed  coreml_contract.json::golden *4 passed",
+        "passed  coreml_contract.json::ane_residency *6 passed",
+        "passed  coreml_contract.json::golden *6 passed",
         "passed  coreml_contract.json::host_api_version *1 passed",
-        "passed  coreml_contract.json::io *4 passed",
+        "passed  coreml_contract.json::io *6 passed",
         "passed  coreml_contract.json::prefill_decode *2 passed",
+        "passed  coreml_contract.json::verify_decode *2 passed",
         "passed  distill_data.yaml::corruption_rate *1 passed",
         "passed  distill_data.yaml::teacher_targets *4 passed",
-        "passed  export_lint.yaml::lint *4 passed",
+        "passed  export_lint.yaml::lint *6 passed",
         "passed  gates.yaml::curriculum *1 passed",
         "passed  gates.yaml::scenario *6 passed",
         "passed  gates.yaml::verdict *1 passed",
-        "passed  precision_islands.yaml::islands *4 passed",
+        "passed  precision_islands.yaml::islands *6 passed",
         "passed  quant_recipe.yaml::ab *2 passed",
-        "passed  quant_recipe.yaml::conformance *4 passed",
+        "passed  quant_recipe.yaml::conformance *6 passed",
         "passed  quant_recipe.yaml::finite *2 passed",
         "passed  quant_recipe.yaml::recipe_coverage *1 passed",
         "passed  runtime_budget.yaml::kv_state *2 passed",
@@ -49,9 +50,13 @@ def test_reference_artifacts_pass_every_contract(workspace):
         "passed  runtime_budget.yaml::runtime_config *1 passed",
         "passed  runtime_budget.yaml::table *1 passed",
         "passed  runtime_budget.yaml::weights *4 passed",
+        "passed  speculative.yaml::acceptance *1 passed",
+        "passed  speculative.yaml::exact *3 passed",
+        "passed  speculative.yaml::segments *1 passed",
+        "passed  speculative.yaml::self *2 passed",
         "passed  tool_registry.json::corpus_calls *8 passed",
         "quant A/B L=64: INT8/FP16 size 0.5*",
-        "contracts: 193 passed",
+        "contracts: 214 passed",
     ])
 
 

@@ -1,5 +1,8 @@
 """``coreml_contract.json``: the enumerated lengths, the host API version, each function's IO
-and states (shapes with the length symbol), golden tolerances and ANE residency bounds."""
+and states (shapes with the length symbol), golden tolerances and ANE residency bounds.
+
+``verify`` (host API 1.1) is optional: a package converted elsewhere may speak 1.0 (prefill and
+decode only). Its segment length S is declared once, as its ``input_ids`` shape [1, S]."""
 
 from __future__ import annotations
 
@@ -51,6 +54,13 @@ class CoreMLContract:
     functions: dict[str, FunctionSpec]
     golden: Golden
     ane: AneBounds
+    segment: int | None  # S: tokens one verify call takes (verify's input_ids [1, S]); None without verify
+
+    def function(self, name: str) -> FunctionSpec:
+        """``name``'s IO; a contract without it is an error naming the file and the function."""
+        if name not in self.functions:
+            raise ContractFileError(str(self.file), [Problem(f"functions.{name}", f"a function named {name!r}", f"functions {sorted(self.functions)}")])
+        return self.functions[name]
 
     def bind(self, shape: tuple[Dim, ...], length: int) -> tuple[int, ...]:
         return tuple(length if d == self.symbol else d for d in shape)
@@ -71,6 +81,7 @@ def parse(path: Path, data: dict) -> CoreMLContract:
                 for j, dim in enumerate(tensor["shape"]):
                     if isinstance(dim, str) and dim != symbol:
                         problems.append(Problem(f"functions.{fname}.{group}[{i}].shape[{j}]", f"an integer or the shape symbol {symbol!r}", repr(dim)))
+    segment = _segment(data, problems)
     if problems:
         raise ContractFileError(str(path), problems)
 
@@ -86,4 +97,23 @@ def parse(path: Path, data: dict) -> CoreMLContract:
         functions={name: FunctionSpec(tensors(f["inputs"]), tensors(f["outputs"]), tensors(f["states"])) for name, f in data["functions"].items()},
         golden=Golden(**{**data["golden"], "dir": path_beside(path, "golden.dir", data["golden"]["dir"])}),
         ane=AneBounds(**data["ane"]),
+        segment=segment,
     )
+
+
+def _segment(data: dict, problems: list[Problem]) -> int | None:
+    """verify's S from its input_ids [1, S]: a fixed number of tokens, at most the shortest length."""
+    verify = data["functions"].get("verify")
+    if verify is None:
+        return None
+    index = next((i for i, t in enumerate(verify["inputs"]) if t["name"] == "input_ids"), None)
+    if index is None:
+        problems.append(Problem("functions.verify.inputs", "an input named 'input_ids' ([1, S]: S tokens a call)",
+                                f"inputs {[t['name'] for t in verify['inputs']]}"))
+        return None
+    shape, shortest = verify["inputs"][index]["shape"], min(data["enumerated_shapes"]["values"])
+    if len(shape) != 2 or shape[0] != 1 or not isinstance(shape[1], int) or not 1 <= shape[1] <= shortest:
+        problems.append(Problem(f"functions.verify.inputs[{index}].shape", f"[1, S] with S a number of tokens in 1..{shortest} "
+                                "(the shortest enumerated length)", repr(shape)))
+        return None
+    return shape[1]

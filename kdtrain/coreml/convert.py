@@ -1,6 +1,6 @@
 """Convert the student's exported programs to one multifunction mlpackage per length.
 
-Why one multifunction package per enumerated length: prefill and decode must share the KV
+Why one multifunction package per enumerated length: prefill, decode and verify must share the KV
 cache, and Core ML states are shared only between functions of one model; functions also
 share (deduplicated) weights. One package per length keeps every shape static, the ANE's
 best case, and lets each length be verified, shipped or dropped alone.

@@ -1,1 +1,1 @@
-"""Export: static-shape prefill/decode programs, torch.export per enumerated length, the graph linter."""
+"""Export: static-shape prefill/decode/verify programs, torch.export per enumerated length, the graph linter."""

@@ -1,17 +1,22 @@
-"""Prefill and decode as static-shape modules with an explicit KV cache, ready for torch.export.
+"""Prefill, decode and verify as static-shape modules with an explicit KV cache, ready for torch.export.
 
-Host API (version ``HOST_API_VERSION``), one pair per enumerated length L:
+Host API (version ``HOST_API_VERSION``; 1.1 adds verify to 1.0), one set per enumerated length L:
 
 - ``prefill(input_ids[1, L] int32, attention_mask[1, L] int32) -> (logits[1, V], halt[1])``
   writes cache slots 0..L-1; the prompt is right-padded, logits are at its last real token.
 - ``decode(input_ids[1, 1] int32, position[1] int32) -> (logits[1, V], halt[1])`` writes slot
   ``position`` and attends to slots 0..position; the host passes position = tokens so far.
+- ``verify(input_ids[1, S] int32, position[1] int32) -> (logits[1, S, V], halt[1, S])``: S
+  tokens at once (S: the contract's segment length), token j written to slot position + j and
+  attending to slots 0..position + j: speculative decoding's one worker call per drafted
+  segment. Slots past L are not written (a short segment's padding), and nothing is read
+  from slots past a token's own, so a host rolls a cache back by moving its position.
 
 The cache is two registered buffers, ``k_cache`` and ``v_cache`` [layers, kv_heads, L,
 head_dim], written by whole-slice assignment. They are FP32 in torch and declared FP16
 states to Core ML, which inserts the casts (an FP16 buffer written from an FP32 graph does
 not convert: slice_update would mix dtypes). The assignment that converts to Core ML states
-(read_state / slice_update / coreml_update_state), shared by both functions of one
+(read_state / slice_update / coreml_update_state), shared by the functions of one
 multifunction mlpackage. Decode blends the new row in with a one-hot select rather than a
 data-dependent slice, so every shape stays static.
 """
@@ -23,7 +28,10 @@ from torch import nn
 
 from kdtrain.student.model import MASK_MIN, StudentLM, rope_tables
 
-HOST_API_VERSION = "1.0"
+HOST_API_VERSION = "1.1"
+# Tokens one verify call takes when no contract says: the stages read S from coreml_contract.json's
+# verify IO (``CoreMLContract.segment``); this default serves code without a contract.
+SEGMENT = 8
 
 
 class _CachedProgram(nn.Module):
@@ -81,10 +89,47 @@ class DecodeProgram(_CachedProgram):
         return self._head(h[:, 0])
 
 
-def example_inputs(function: str, length: int) -> tuple[torch.Tensor, ...]:
+class VerifyProgram(_CachedProgram):
+    """``segment`` tokens at cache slots position..position + segment - 1 in one call."""
+
+    def __init__(self, student: StudentLM, length: int, segment: int = SEGMENT):
+        super().__init__(student, length)
+        self.segment = segment
+
+    def forward(self, input_ids: torch.Tensor, position: torch.Tensor):
+        s, L, S = self.student, self.length, self.segment
+        slots = torch.arange(L, dtype=torch.int32)
+        positions = position + torch.arange(S, dtype=torch.int32)  # [S]
+        onehot = (slots[:, None] == positions[None, :]).to(self.k_cache.dtype)  # [L, S]: nothing past L
+        write = onehot.sum(-1, keepdim=True) > 0  # [L, 1]
+        mask = torch.where(slots[None, :] <= positions[:, None], 0.0, MASK_MIN)  # [S, L]
+        # A padded tail past L reads the last table row; its outputs are ignored. minimum, not clamp:
+        # Core ML's clip is float-only, and a float index does not convert into the gather.
+        rows = torch.minimum(positions, slots[-1:])
+        cos = torch.index_select(self.rope_cos, 0, rows)  # [S, hd]
+        sin = torch.index_select(self.rope_sin, 0, rows)
+        h = s.model.embed_tokens(input_ids)  # [1, S, H]
+        for i, layer in enumerate(s.model.layers):
+            h, k, v = layer(h, cos, sin, mask, self.k_cache[i], self.v_cache[i], write, onehot)
+            self.k_cache[i] = k[0]
+            self.v_cache[i] = v[0]
+        h = s.model.norm(h[0])  # [S, H]
+        return s.lm_head(h)[None], s.halt_probability(h)[None]
+
+
+def example_inputs(function: str, length: int, segment: int = SEGMENT) -> tuple[torch.Tensor, ...]:
     if function == "prefill":
         return torch.ones((1, length), dtype=torch.int32), torch.ones((1, length), dtype=torch.int32)
+    if function == "verify":
+        return torch.ones((1, segment), dtype=torch.int32), torch.zeros((1,), dtype=torch.int32)
     return torch.ones((1, 1), dtype=torch.int32), torch.zeros((1,), dtype=torch.int32)
 
 
-PROGRAMS = {"prefill": PrefillProgram, "decode": DecodeProgram}
+PROGRAMS = {"prefill": PrefillProgram, "decode": DecodeProgram, "verify": VerifyProgram}
+
+
+def build_program(function: str, student: StudentLM, length: int, segment: int = SEGMENT) -> nn.Module:
+    """``function``'s program at ``length`` in eval mode; verify's takes ``segment`` tokens a call.
+    Looked up in PROGRAMS at each call, so a test can plant a faulty program there."""
+    program = PROGRAMS[function]
+    return (program(student, length, segment) if function == "verify" else program(student, length)).eval()

@@ -1,4 +1,5 @@
-"""``kdtrain export``: torch.export of prefill and decode at every enumerated length, linted.
+"""``kdtrain export``: torch.export of every function the Core ML contract declares (prefill,
+decode, verify) at every enumerated length, linted.
 
 Each graph's summary (``export/<function>-<L>/graph.json``) and the linter's findings
 (``lint.json``) go into the artifacts folder; the plugin re-lints the summary against the
@@ -14,17 +15,16 @@ from kdtrain import atomic
 from kdtrain.artifact_table import export_graph, export_lint
 from kdtrain.export.graph import summarize_program
 from kdtrain.export.lint import lint
-from kdtrain.export.programs import PROGRAMS, example_inputs
+from kdtrain.export.programs import SEGMENT, build_program, example_inputs
 from kdtrain.stage import StageContext
 
-FUNCTIONS = ("prefill", "decode")
 
-
-def export_program(student, function: str, length: int) -> torch.export.ExportedProgram:
-    """Static-shape export, then ``run_decompositions({})`` (what ``ct.convert`` needs)."""
-    module = PROGRAMS[function](student, length).eval()
+def export_program(student, function: str, length: int, segment: int = SEGMENT) -> torch.export.ExportedProgram:
+    """Static-shape export, then ``run_decompositions({})`` (what ``ct.convert`` needs).
+    ``segment``: verify's S, from the contract (``CoreMLContract.segment``)."""
+    module = build_program(function, student, length, segment)
     with torch.no_grad():
-        return torch.export.export(module, example_inputs(function, length)).run_decompositions({})
+        return torch.export.export(module, example_inputs(function, length, segment)).run_decompositions({})
 
 
 def stage_export(ctx: StageContext) -> None:
@@ -34,9 +34,9 @@ def stage_export(ctx: StageContext) -> None:
     coreml, rules = ctx.contract("coreml_contract.json"), ctx.contract("export_lint.yaml").rules
     dirty = []
     for length in (bar := tqdm(coreml.lengths, desc="export", unit="length")):
-        for function in FUNCTIONS:
+        for function in coreml.functions:
             bar.set_postfix_str(f"{function}-{length}")
-            summary = summarize_program(export_program(student, function, length), function, length)
+            summary = summarize_program(export_program(student, function, length, coreml.segment), function, length)
             findings = lint(summary, rules)
             graph, linted = export_graph(function, length), export_lint(function, length)
             atomic.write_json(ctx.folder.root / graph.path, summary.to_json())

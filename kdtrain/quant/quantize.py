@@ -3,7 +3,7 @@
 The public ``linear_quantize_weights`` refuses multifunction models, and going round it (lift
 each function out, quantize it, recombine with ``save_multifunction``) loads and exports every
 function three times and reruns the whole conversion pass pipeline on each: about 30 s per
-length on two cores. Here the package's MIL program (both functions) is read once, the same
+length on two cores. Here the package's MIL program (every function) is read once, the same
 pass that API applies (``coremltools.optimize.coreml._quantization_passes.linear_quantize_weights``)
 replaces its ``const`` weights, the quantized weights are shared across functions as
 ``save_multifunction`` does (``const_deduplication``), and the program is exported once: about

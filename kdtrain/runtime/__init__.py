@@ -1,2 +1,2 @@
 """Running converted programs: one interface, two backends (Core ML on macOS, the MIL
-reference executor anywhere), and the host API that drives prefill and decode."""
+reference executor anywhere), and the host API that drives prefill, decode and verify."""

@@ -85,7 +85,13 @@ class CoreMLSession:
     def _model(self, function: str):
         import coremltools as ct
 
+        from kdtrain.coreml.inspect import functions_io
+        from kdtrain.errors import ArtifactError
+
         if function not in self._models:
+            found = functions_io(self.package)  # read from the spec: a clear error before the runtime's own
+            if function not in found:
+                raise ArtifactError(f"{self.package}: expected a function named {function!r}, found functions {sorted(found)}")
             self._models[function] = ct.models.MLModel(str(self.package), function_name=function, compute_units=ct.ComputeUnit.ALL)
         return self._models[function]
 
@@ -118,14 +124,15 @@ class CoreMLSession:
 
 
 class TorchSession:
-    """The PyTorch prefill/decode programs of one length, sharing one KV cache like a package."""
+    """The PyTorch programs of one length (prefill, decode, verify), sharing one KV cache like a package.
+    ``segment``: verify's S, as the package's contract declares it (``CoreMLContract.segment``)."""
 
     backend = "torch"
 
-    def __init__(self, student, length: int):
-        from kdtrain.export.programs import DecodeProgram, PrefillProgram
+    def __init__(self, student, length: int, segment: int | None = None):
+        from kdtrain.export.programs import PROGRAMS, SEGMENT, build_program
 
-        self.programs = {"prefill": PrefillProgram(student, length).eval(), "decode": DecodeProgram(student, length).eval()}
+        self.programs = {name: build_program(name, student, length, segment or SEGMENT) for name in PROGRAMS}
 
     def new_state(self) -> dict:
         prefill = self.programs["prefill"]

@@ -3,6 +3,8 @@
 ``prefill(prompt) -> (state, logits)`` right-pads the prompt to the length L and runs the
 prefill function; ``decode_step(state, token) -> (state, logits)`` writes cache slot
 ``state.position`` and advances it by exactly one. Logits come back as float32 [V].
+``verify(state, tokens, segment)`` (1.1) feeds up to S tokens in one call, ``rollback`` keeps
+a prefix of the cache: speculative decoding's worker.
 """
 
 from __future__ import annotations
@@ -56,6 +58,32 @@ class Host:
         out = self.session.predict("decode", inputs, state.cache)
         return HostState(state.position + 1, state.cache), _outputs(out)
 
+    def verify(self, state: HostState, tokens: list[int], segment: int) -> tuple[HostState, np.ndarray, np.ndarray]:
+        """Feed ``tokens`` (1..``segment``) at ``state.position`` in one call of the package's verify
+        function (``segment``: its declared length; a shorter list is padded, the padding's
+        outputs dropped). Returns the state advanced past them, logits [len(tokens), V] (row j
+        predicts the token after ``tokens[j]``) and halt [len(tokens)]. To keep fewer of them,
+        :meth:`rollback`."""
+        if not 0 < len(tokens) <= segment:
+            raise ValueError(f"verify: expected 1..{segment} tokens, found {len(tokens)}")
+        if state.position + len(tokens) > self.length:
+            raise ContextFull(f"verify: {len(tokens)} tokens at position {state.position} pass the context ({self.length} tokens)")
+        ids = np.full((1, segment), self.pad_id, dtype=np.int32)
+        ids[0, : len(tokens)] = tokens
+        out = self.session.predict("verify", {"input_ids": ids, "position": np.array([state.position], dtype=np.int32)}, state.cache)
+        n = len(tokens)
+        logits = np.asarray(out["logits"])[0, :n].astype(np.float32)
+        halt = np.asarray(out["halt"]).reshape(-1)[:n].astype(np.float32)
+        return HostState(state.position + n, state.cache), logits, halt
+
+    @staticmethod
+    def rollback(state: HostState, position: int) -> HostState:
+        """Keep the first ``position`` tokens of the cache: every function attends only to slots
+        up to its own token's, so later slots are dead and are overwritten when next written."""
+        if not 0 <= position <= state.position:
+            raise ValueError(f"rollback: expected a position in 0..{state.position}, found {position}")
+        return HostState(position, state.cache)
+
 
 def _outputs(out: dict) -> dict:
     found = {"logits": np.asarray(out["logits"])[0].astype(np.float32)}
@@ -73,8 +101,8 @@ def check_host_api(artifacts, expected: str = HOST_API_VERSION) -> str:
     if found != expected:
         how = ("re-run `kdtrain convert`" if name == "convert" else
                "the packages were registered with `kdtrain add` without --host-api: a package this code cannot drive "
-               "(functions prefill and decode sharing the KV-cache states) has no golden or prefill/decode check; "
-               f"declare `--host-api {expected}` only if it speaks that API")
+               "(functions prefill and decode sharing the KV-cache states, and verify from 1.1) has no golden, "
+               f"prefill/decode or verify/decode check; declare `--host-api {expected}` only if it speaks that API")
         raise ArtifactError(
             f"{artifacts.root / 'manifest.json'}: at stages.{name}.settings.host_api_version: expected {expected!r} "
             f"(the host API this code and the contract speak), found {found!r}; {how}"

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from kdtrain.coreml.inspect import load_mil
+from kdtrain.errors import ArtifactError
 from kdtrain.runtime.kernels import KERNELS, UnsupportedOpError, to_dtype
 
 _NP_DTYPES = {
@@ -48,6 +49,13 @@ def _flat(values):
             yield value
 
 
+def _same(a, b) -> bool:
+    """Two const values equal in dtype, shape and every element (scalars and strings too)."""
+    if isinstance(a, np.ndarray) or isinstance(b, np.ndarray):
+        return isinstance(a, np.ndarray) and isinstance(b, np.ndarray) and a.dtype == b.dtype and np.array_equal(a, b)
+    return type(a) is type(b) and a == b
+
+
 @dataclass
 class State:
     """Named state arrays of one model instance (shared by its functions, like MLState)."""
@@ -69,6 +77,7 @@ class MILExecutor:
         self.program = load_mil(self.package) if program is None else program
         self._consts: dict[str, dict[str, np.ndarray]] = {}
         self._dead: dict[str, dict[int, tuple[str, ...]]] = {}
+        self._weights: dict[str, tuple[list, list]] = {}  # op name -> (what it was made from, its values)
 
     @property
     def functions(self) -> list[str]:
@@ -90,23 +99,35 @@ class MILExecutor:
         if function not in self._consts:
             consts = {}
             for op in self.program.functions[function].operations:
-                if op.op_type == "const":
-                    values = [op.outputs[0].val]
-                elif op.op_type.startswith("constexpr_"):  # Core ML's own dequantization
-                    inferred = op.materialized_val_inference()
-                    values = list(inferred) if len(op.outputs) > 1 else [inferred]
-                else:
-                    continue
-                for var, value in zip(op.outputs, values):
-                    consts[var.name] = _stored(value, var)
-                    if isinstance(consts[var.name], np.ndarray):
-                        consts[var.name].flags.writeable = False  # lets kernels cache FP32 twins
+                if op.op_type == "const" or op.op_type.startswith("constexpr_"):
+                    for var, value in zip(op.outputs, self._materialised(op)):
+                        consts[var.name] = value
             self._consts[function] = consts
         return self._consts[function]
 
+    def _materialised(self, op) -> list:
+        """A const or constexpr op's values, shared with another function's op of the same name
+        and the same source values: the package stores deduplicated weights once, and so does
+        the executor (one dequantization, one FP32 twin, for prefill, decode and verify)."""
+        source = [op.outputs[0].val] if op.op_type == "const" else [v.val for v in op.inputs.values()]
+        known = self._weights.get(op.name)
+        if known is not None and len(known[0]) == len(source) and all(_same(a, b) for a, b in zip(known[0], source)):
+            return known[1]
+        if op.op_type == "const":
+            values = source
+        else:  # Core ML's own dequantization
+            inferred = op.materialized_val_inference()
+            values = list(inferred) if len(op.outputs) > 1 else [inferred]
+        values = [_stored(value, var) for var, value in zip(op.outputs, values)]
+        for value in values:
+            if isinstance(value, np.ndarray):
+                value.flags.writeable = False  # lets kernels cache FP32 twins
+        self._weights[op.name] = (source, values)
+        return values
+
     def predict(self, function: str, inputs: dict[str, np.ndarray], state: State | None = None) -> dict[str, np.ndarray]:
-        if function not in self.program.functions:
-            raise UnsupportedOpError(f"{self.package}: expected a function named {function!r}, found {self.functions}")
+        if function not in self.program.functions:  # a package of host API 1.0 has no verify
+            raise ArtifactError(f"{self.package}: expected a function named {function!r}, found functions {sorted(self.functions)}")
         fn = self.program.functions[function]
         env: dict[str, object] = dict(self._constants(function))
         for name, var in fn.inputs.items():

@@ -111,13 +111,19 @@ class Attention(nn.Module):
         out = torch.matmul(torch.softmax(scores, dim=-1), v)  # [B, nh, T, hd]
         return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
 
-    def forward(self, x, cos, sin, mask, k_past=None, v_past=None, write=None):
-        """-> (out [B, T, H], k, v). With a cache (decode, B = T = 1), the new row is blended into
-        ``k_past``/``v_past`` [nkv, S, hd] where ``write`` [S, 1] is true, and k, v are the whole cache."""
+    def forward(self, x, cos, sin, mask, k_past=None, v_past=None, write=None, place=None):
+        """-> (out [B, T, H], k, v). With a cache (B = 1), the new rows are blended into
+        ``k_past``/``v_past`` [nkv, S, hd] where ``write`` [S, 1] is true, and k, v are the whole
+        cache. Decode (T = 1) broadcasts its row; a T-token segment is placed by ``place`` [S, T],
+        one-hot (an exact matmul: 1 x row + 0 x the others)."""
         q, k, v = self.project(x, cos, sin)
         if k_past is not None:
-            k = torch.where(write, k[0], k_past)[None]  # [1, nkv, S, hd]
-            v = torch.where(write, v[0], v_past)[None]
+            if place is not None:
+                k, v = torch.matmul(place, k[0]), torch.matmul(place, v[0])  # [nkv, S, hd]
+            else:
+                k, v = k[0], v[0]
+            k = torch.where(write, k, k_past)[None]  # [1, nkv, S, hd]
+            v = torch.where(write, v, v_past)[None]
         return self.attend(q, k, v, mask), k, v
 
 
@@ -140,9 +146,9 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
 
-    def forward(self, h, cos, sin, mask, k_past=None, v_past=None, write=None):
+    def forward(self, h, cos, sin, mask, k_past=None, v_past=None, write=None, place=None):
         """-> (h, k, v); k and v are what the caller caches for this layer."""
-        attn, k, v = self.self_attn(self.input_layernorm(h), cos, sin, mask, k_past, v_past, write)
+        attn, k, v = self.self_attn(self.input_layernorm(h), cos, sin, mask, k_past, v_past, write, place)
         h = h + attn
         return h + self.mlp(self.post_attention_layernorm(h)), k, v
 

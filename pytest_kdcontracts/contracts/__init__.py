@@ -23,6 +23,8 @@ MARKERS = {
     "ablations": "the trainer's canonical mini experiments against their stored baselines (ablations.yaml)",
     "runtime": "on-device runtime: memory budget per size and context, the runtime config, the session pool (runtime_budget.yaml)",
     "gates": "checkpoint gates before a full run: halt calibration, curriculum telemetry, scenario evals, the verdict (gates.yaml)",
+    "judge": "the judge against objective signals: consistency in both orders, agreement, rank correlation, length and position bias (judge.yaml)",
+    "speculative": "speculative decoding: drafter/worker pairs exact against greedy, acceptance, segment lengths (speculative.yaml)",
 }
 
 

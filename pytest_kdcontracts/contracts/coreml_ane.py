@@ -17,6 +17,7 @@ from typing import Iterator
 import numpy as np
 
 from pytest_kdcontracts.check import Check, fail
+from pytest_kdcontracts.contracts.coreml import require_function
 
 SKIP = {"const", "read_state", "coreml_update_state"}
 
@@ -69,6 +70,7 @@ def compute_plan_residency(package, function: str) -> tuple[float, float, list[s
 
 
 def check_ane(c, function: str, length: int, kd_coreml) -> None:
+    require_function(c.file.name, kd_coreml, function, length)
     if sys.platform == "darwin":
         source = "MLComputePlan"
         ops, cost, off = compute_plan_residency(kd_coreml.package(length), function)

@@ -9,6 +9,7 @@ from typing import Iterator
 from kdcontracts.models.islands import IslandsContract
 from kdtrain.coreml.inspect import dtype_name
 from pytest_kdcontracts.check import Check, fail
+from pytest_kdcontracts.contracts.coreml import require_function
 
 
 def _operations(block):
@@ -19,9 +20,8 @@ def _operations(block):
 
 
 def check_islands(c: IslandsContract, function: str, length: int, kd_coreml) -> None:
+    require_function(c.file.name, kd_coreml, function, length)
     program = kd_coreml.mil(length)
-    if function not in program.functions:
-        fail(c.file.name, f"function {function!r} in {kd_coreml.package(length)}", "present", f"functions {sorted(program.functions)}")
     matched = {island.name: 0 for island in c.islands}
     wrong = []
     for op in _operations(program.functions[function]):

@@ -14,6 +14,7 @@ from kdcontracts.models.quant import QuantContract, Quantize
 from kdtrain.artifact_table import QUANT_AB, QUANT_CALIBRATION
 from kdtrain.quant.recipe import const_name
 from pytest_kdcontracts.check import Check, fail
+from pytest_kdcontracts.contracts.coreml import require_function
 
 
 def _settings(c: QuantContract, kd_artifacts):
@@ -47,6 +48,7 @@ def _compressed(op) -> dict:
 
 def check_conformance(c: QuantContract, function: str, length: int, kd_artifacts, kd_coreml) -> None:
     settings = _settings(c, kd_artifacts)
+    require_function(c.file.name, kd_coreml, function, length, "int8")
     ops = {op.name: op for op in kd_coreml.mil(length, "int8").functions[function].operations}
     problems = []
     for module, setting in sorted(settings.items()):

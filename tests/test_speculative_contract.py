@@ -1,0 +1,156 @@
+"""speculative.yaml through the plugin: every item passes on the reference artifacts and each
+planted fault fails its own item (pytester): a drafter whose tokens are shifted by one
+(acceptance collapses, exactness holds), a verifier that accepts a mismatching token (exactness
+fails), a drafter whose halt head never fires (the segment bound fails); a report measured on
+other packages or with other settings fails as stale; a pair the packages cannot honour does not
+load. The faults are planted in copies of the teacher pair measured on torch in one stage run:
+the teacher's forward is what costs."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import yaml
+
+from kdcontracts.errors import ContractFileError
+from kdcontracts.families import load
+from kdtrain.artifact_table import SPECULATIVE_REPORT
+from kdtrain.runtime.backend import backend_name
+from kdtrain.runtime.speculative_stage import Sides
+
+from conftest import REPO
+
+TEACHER_PAIR, SELF_PAIR = "student->teacher", "student->student"
+
+
+def _items(workspace, *args):
+    result = workspace.run("-m", "speculative", "-rA", *args)
+    return result, workspace.failed(result)
+
+
+def test_every_speculative_item_passes_on_the_reference_artifacts(workspace):
+    result, failed = _items(workspace)
+    assert failed == set() and result.ret == 0, result.stdout.str()
+    out, package = result.stdout.str(), backend_name()
+    for item in ("exact", "acceptance", "segments"):
+        assert f"PASSED contracts/speculative.yaml::{item}[{TEACHER_PAIR}-128-{package}]" in out
+    for backend in (package, "torch"):
+        assert f"PASSED contracts/speculative.yaml::self[{SELF_PAIR}-128-{backend}]" in out
+    assert f"speculative pair {TEACHER_PAIR} at L=128 [{package}]: " in out and "per position [" in out  # the summary
+
+
+class _Planted:
+    """A side with one of its calls changed: ``call`` is wrapped by ``change(result, *arguments)``."""
+
+    def __init__(self, side, call: str, change):
+        self.side, self.call, self.change = side, call, change
+
+    def __getattr__(self, name):
+        method = getattr(self.side, name)
+        return (lambda *args: self.change(method(*args), *args)) if name == self.call else method
+
+
+def _shifted(result, state, token):
+    state, logits, halt = result
+    return state, np.roll(logits, 1), halt  # every proposal is the drafter's choice + 1
+
+
+def _never_halts(result, state, token):
+    state, logits, halt = result
+    return state, logits, 0.0
+
+
+def _accepts_the_first_draft(result, state, tokens):
+    state, logits, halt = result
+    if len(tokens) > 1:  # its first row now agrees with the first draft, whatever the worker computed
+        logits = logits.copy()
+        logits[0, tokens[1]] = logits[0].max() + 1.0
+    return state, logits, halt
+
+
+# pair name -> the side and call the fault is planted in, and the items it must fail
+FAULTS = {
+    "shifted-drafter": ("drafter", "decode_step", _shifted, {"acceptance", "segments"}),  # its segments are all rejected too
+    "accepting-verifier": ("worker", "verify", _accepts_the_first_draft, {"exact"}),
+    "silent-halt-head": ("drafter", "decode_step", _never_halts, {"segments"}),
+}
+
+
+def test_each_planted_fault_fails_its_own_item(workspace, monkeypatch):
+    """Three copies of the teacher pair, one fault planted in each, measured again on torch in one
+    stage run (the teacher's plain decoding is shared): each fails its own items and stays exact
+    unless the fault is in the verifier."""
+    from kdtrain.pipeline import run_pipeline
+
+    path = workspace.contracts / "speculative.yaml"
+    contract = yaml.safe_load(path.read_text())
+    teacher_pair = next(p for p in contract["pairs"] if p["name"] == TEACHER_PAIR)
+    segments = dict(teacher_pair["segments"], max=4)  # a never-firing head's segments cost 4 drafts, not 7
+    contract["pairs"] = [dict(teacher_pair, name=name, backends=["torch"], segments=segments) for name in FAULTS]
+    path.write_text(yaml.safe_dump(contract, sort_keys=False))
+    for role in ("drafter", "worker"):
+        original = getattr(Sides, role)
+
+        def planted(self, run, role=role, original=original):
+            where, call, change, _ = FAULTS[run.pair.name]
+            side = original(self, run)
+            return _Planted(side, call, change) if where == role else side
+
+        monkeypatch.setattr(Sides, role, planted)
+    run_pipeline(workspace.artifacts, ["speculative"], workspace.contracts, REPO / "configs/distill_reference.yaml")
+
+    result, failed = _items(workspace)
+    assert failed == {f"{item}[{name}-128-torch]" for name, (*_, items) in FAULTS.items() for item in items}
+    result.stdout.fnmatch_lines([
+        "*speculative pair shifted-drafter at L=128 [[]torch[]]: acceptance[[]mean_accepted_length[]]",
+        "*expected: mean_accepted_length >= 1.1",
+        "*speculative pair accepting-verifier at L=128 [[]torch[]], prompt *, new token *",
+        "*expected: the worker's plain greedy token *",
+        "*speculative pair silent-halt-head at L=128 [[]torch[]]: segments[[]segment_accepted_fraction[]]",
+    ])
+
+
+def test_a_report_of_other_packages_or_settings_fails_as_stale(workspace):
+    def other_student(report):
+        run = next(r for r in report["runs"] if r["pair"] == SELF_PAIR and r["backend"] == "torch")
+        run["inputs"]["student.distilled"] = "sha256:" + "0" * 64
+
+    workspace.edit_json(SPECULATIVE_REPORT.path, other_student)
+    result, failed = _items(workspace, "-k", "torch")
+    assert failed == {f"{item}[{SELF_PAIR}-128-torch]" for item in ("exact", "self")}
+    result.stdout.fnmatch_lines(["*expected: a measurement of this folder's artifacts",
+                                 "*found:    {'student.distilled': 'recorded sha256:0000*, now sha256:*'}",
+                                 "*re-run: kdtrain pipeline --stages speculative"])
+
+    path = workspace.contracts / "speculative.yaml"
+    contract = yaml.safe_load(path.read_text())
+    contract["prompts"]["max_new_tokens"] += 1
+    path.write_text(yaml.safe_dump(contract, sort_keys=False))
+    _, failed = _items(workspace, "-k", "acceptance")
+    assert failed == {f"acceptance[{TEACHER_PAIR}-128-{backend_name()}]"}
+
+
+def test_a_pair_the_packages_cannot_honour_is_a_located_error(tmp_path):
+    """Segments longer than verify's S - 1, a length the packages lack, a non-self pair without
+    bounds, or packages without a verify function: one located problem each, at collection."""
+    for name in ("speculative.yaml", "coreml_contract.json"):
+        shutil.copy(REPO / "contracts" / name, tmp_path / name)
+    path = tmp_path / "speculative.yaml"
+    contract = yaml.safe_load(path.read_text())
+    contract["lengths"] = [512, 300]
+    contract["pairs"][0]["segments"]["max"] = 8
+    del contract["pairs"][0]["bounds"]
+    path.write_text(yaml.safe_dump(contract, sort_keys=False))
+    with pytest.raises(ContractFileError) as info:
+        load(path)
+    assert [p.key_path for p in info.value.problems] == ["lengths[1]", "pairs[0].segments.max", "pairs[0].bounds"]
+    assert "at most 7 (coreml_contract.json's verify takes S = 8 tokens" in str(info.value)
+
+    coreml = json.loads((tmp_path / "coreml_contract.json").read_text())
+    del coreml["functions"]["verify"]
+    (tmp_path / "coreml_contract.json").write_text(json.dumps(coreml))
+    with pytest.raises(ContractFileError, match=r"at \(coreml_contract.json\): expected a verify function"):
+        load(path)
