@@ -93,6 +93,18 @@ def test_verify_writing_its_rows_one_slot_too_far_fails_verify_decode(workspace,
     ])
 
 
+def test_an_executor_whose_verify_is_not_decode_bit_for_bit_fails_verify_decode(workspace, monkeypatch):
+    """Computed as one matrix product, verify's rows round otherwise than decode's single row: within
+    the golden tolerance, but no longer exact, and speculative decoding on the executor relies on exact."""
+    import kdtrain.runtime.kernels as kernels
+
+    monkeypatch.setattr(kernels, "ROW_BY_ROW", 0)
+    result = workspace.run("-k", "verify_decode")
+    assert workspace.failed(result) == {"verify_decode[64]", "verify_decode[128]"}
+    result.stdout.fnmatch_lines(["*verify of 8 greedy tokens at position * at L=64, mil-reference: row 0",
+                                 "*expected: the logits of decode step 0, bit for bit (what makes speculative decoding exact on mil-reference)"])
+
+
 def _edit_snapshot(workspace, item: str, change_meta, change_arrays=lambda arrays: None):
     """Rewrite one stored golden snapshot as another machine or another model would have made it."""
     path = workspace.pytester.path / f"golden/coreml_contract/golden[{item}].npz"

@@ -32,7 +32,7 @@ def test_per_tensor_where_the_recipe_says_per_channel_fails_conformance(workspac
 
     _requantize(workspace, per_tensor)
     result = workspace.run("-k", "conformance")
-    assert workspace.failed(result) == {"conformance[prefill-64]", "conformance[decode-64]"}
+    assert workspace.failed(result) == {"conformance[prefill-64]", "conformance[decode-64]", "conformance[verify-64]"}
     result.stdout.fnmatch_lines([
         "*recipe conformance of prefill-64 in *int8/student-L64.mlpackage",
         "*model.layers.1.self_attn.q_proj: expected int8 per_channel symmetric, found int8 per_tensor symmetric (constexpr_blockwise_shift_scale, scale [[]1, 1[]])",
@@ -48,7 +48,7 @@ def test_weight_kept_fp16_by_the_recipe_but_quantized_fails_conformance(workspac
 
     _requantize(workspace, quantize_kept)
     result = workspace.run("-k", "conformance and 64")
-    assert workspace.failed(result) == {"conformance[prefill-64]", "conformance[decode-64]"}
+    assert workspace.failed(result) == {"conformance[prefill-64]", "conformance[decode-64]", "conformance[verify-64]"}
     result.stdout.fnmatch_lines(["*halt_head: expected keep fp16, found int8 (constexpr_blockwise_shift_scale)"])
 
 
@@ -121,6 +121,9 @@ def test_norm_weight_quantized_against_the_recipe_fails_conformance(reference_ar
         return x
 
     class Packages:
+        def io(self, length, precision):
+            return {"prefill": {}}
+
         def mil(self, length, precision):
             return type("P", (), {"functions": {"prefill": program.functions["main"]}})()
 

@@ -113,6 +113,35 @@ def test_each_planted_fault_fails_its_own_item(workspace, monkeypatch):
     ])
 
 
+def test_a_divergence_at_a_tie_fails_without_an_allowance_and_passes_within_one(workspace):
+    """The MIL executor's verify equals its decode bit for bit (tests/test_mil_executor.py), so the
+    reference contract allows no tie there, nor on torch: a divergence fails even at an exact tie
+    (margin 0, which a bit-exact verify could not have broken). Only Core ML, whose verify and decode are different device programs, has one."""
+    assert load(REPO / "contracts/speculative.yaml").tie_tolerance == {"coreml": 0.125, "mil-reference": 0.0, "torch": 0.0}
+    package = backend_name()
+
+    def diverge(report):
+        run = next(r for r in report["runs"] if r["pair"] == SELF_PAIR and r["backend"] == package)
+        prompt = run["prompts"][0]
+        tokens = prompt["speculative"]["tokens"]
+        tokens[1] = (tokens[1] + 1) % 100
+        prompt["divergence"] = {"at": 1, "margin": 0.0}
+
+    def tolerate(allowance):
+        path = workspace.contracts / "speculative.yaml"
+        contract = yaml.safe_load(path.read_text())
+        contract["tie_tolerance"][package] = allowance
+        path.write_text(yaml.safe_dump(contract, sort_keys=False))
+
+    workspace.edit_json(SPECULATIVE_REPORT.path, diverge)
+    for allowance, failed_items, line in ((0.0, {f"exact[{SELF_PAIR}-128-{package}]"}, "*or a tie (its margin < 0)*"),
+                                          (0.125, set(), "*1 left it at a tie (worker's margin 0 < 0.125)*")):
+        tolerate(allowance)
+        result, failed = _items(workspace, "-k", "exact")  # -k cannot spell "->"
+        assert failed == failed_items
+        result.stdout.fnmatch_lines([line])
+
+
 def test_a_report_of_other_packages_or_settings_fails_as_stale(workspace):
     def other_student(report):
         run = next(r for r in report["runs"] if r["pair"] == SELF_PAIR and r["backend"] == "torch")

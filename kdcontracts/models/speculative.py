@@ -78,7 +78,7 @@ class SpeculativeContract:
     max_new_tokens: int
     lengths: tuple[int, ...]
     pairs: tuple[Pair, ...]
-    tie_tolerance: Mapping[str, float]  # "package", "torch" -> logits: a worker's preference below this is a tie
+    tie_tolerance: Mapping[str, float]  # backend (coreml, mil-reference, torch) -> logits: a worker's preference below this is a tie (0: none)
     coreml: CoreMLContract  # the verify function's segment length S and the enumerated lengths
 
     @property
@@ -94,7 +94,7 @@ class SpeculativeContract:
 
     def tolerance(self, run: Run) -> float:
         """The tie tolerance of the run's worker: the teacher runs on torch, a package on the run's backend."""
-        return self.tie_tolerance["torch" if run.pair.worker == TEACHER or run.backend == "torch" else "package"]
+        return self.tie_tolerance["torch" if run.pair.worker == TEACHER else run.backend]
 
     def settings(self, pair: Pair) -> dict:
         """What a recorded run must have been measured with to be judged under this contract."""
@@ -112,7 +112,7 @@ class SpeculativeContract:
     def judge_self(self, run: Run, metrics: Mapping) -> list[Judgement]:
         value, margin, tolerance = metrics.get("acceptance_rate"), metrics.get("max_rejection_margin"), self.tolerance(run)
         return [Judgement("self[acceptance_rate]", value, f"exactly 1 (the drafter drafting for itself), or rejections "
-                          f"only at ties (worker's margin <= {tolerance:g})", value == 1.0 or (margin is not None and margin <= tolerance),
+                          f"only at ties (worker's margin < {tolerance:g})", value == 1.0 or (margin is not None and margin < tolerance),
                           f"largest rejection margin {margin}")]
 
 

@@ -128,6 +128,28 @@ def _matmul_fp16_rows(x: np.ndarray, b: torch.Tensor, rows: int = 512) -> np.nda
     return out.reshape(*lead, *out.shape[-2:]).numpy()
 
 
+# Up to this many rows, a matmul or linear computes one row at a time (:func:`_by_row`).
+ROW_BY_ROW = 32
+
+
+def _by_row(fn, a: torch.Tensor, *rest) -> torch.Tensor:
+    """``fn(a, *rest)`` one row of ``a`` (its second-to-last axis) at a time when it has a few.
+
+    A row's result must not depend on how many rows came with it: the verify function's S
+    tokens must give, bit for bit, the logits S decode calls give (speculative decoding is
+    exact only then: where the worker's greedy choice is a near-tie in FP16, a last-bit
+    difference picks the other token). BLAS runs one row as a matrix-vector product and several
+    as a blocked matrix product, whose sums are ordered, and so rounded, differently (verify's
+    logits differed from decode's by up to 0.066, several FP16 ulps, when computed whole). So a
+    few rows (decode's 1, verify's S, a short prefill) each run as decode's one row does; a
+    long prefill stays one product. Core ML on device makes no such promise: see
+    ``speculative.yaml``'s tie tolerance for the coreml backend."""
+    rows = a.shape[-2] if a.dim() >= 2 else 1
+    if a.dim() < 2 or rows == 1 or rows > ROW_BY_ROW:
+        return fn(a, *rest)
+    return torch.cat([fn(a[..., i:i + 1, :].contiguous(), *rest) for i in range(rows)], dim=-2)
+
+
 def matmul(x, y, transpose_x=False, transpose_y=False):
     x = np.asarray(x)
     if x.dtype == np.float16 and x.ndim >= 3 and x.size > 1 << 22 and not transpose_x and np.asarray(y).ndim == x.ndim:
@@ -138,11 +160,11 @@ def matmul(x, y, transpose_x=False, transpose_y=False):
         a = a.transpose(-1, -2)
     if transpose_y:
         b = b.transpose(-1, -2)
-    return torch.matmul(a, b).numpy()
+    return _by_row(torch.matmul, a, b).numpy()
 
 
 def linear(x, weight, bias=None):
-    out = torch.nn.functional.linear(_t(x), _t(weight), None if bias is None else _t(bias))
+    out = _by_row(torch.nn.functional.linear, _t(x), _t(weight), None if bias is None else _t(bias))
     return out.numpy()
 
 

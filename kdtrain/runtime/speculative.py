@@ -17,10 +17,11 @@ transformers causal LM (the reference teacher). One round of :func:`speculative_
   were accepted and it had not fed it yet.
 
 Every token is the worker's argmax after the tokens before it, so the output is the worker's
-plain greedy decoding (:func:`greedy_decode`) token for token, but for one thing: verify's
-logits are not decode's to the last bit (FP16 packages: a few ulps), so where plain decoding
-chose between tied logits the two may choose differently. :func:`preference` measures such a
-divergence. Where a context ends before the drafter can propose, the worker goes on alone with
+plain greedy decoding (:func:`greedy_decode`) token for token, provided verify's logits are
+decode's: on the MIL executor they are, bit for bit (:func:`kdtrain.runtime.kernels._by_row`);
+Core ML runs them as different device programs, and where plain decoding chose between FP16
+logits that tie, verify there may choose the other. :func:`preference` measures a divergence's
+margin, which ``speculative.yaml``'s per-backend tie tolerance judges. Where a context ends before the drafter can propose, the worker goes on alone with
 plain decode steps.
 """
 

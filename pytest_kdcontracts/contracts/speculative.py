@@ -85,16 +85,16 @@ def check_exact(c: SpeculativeContract, run: Run, kd_artifacts, kd_report) -> No
             continue
         recorded = p.get("divergence") or {}
         margin = recorded.get("margin") if recorded.get("at") == at else None
-        (ties if margin is not None and margin <= tolerance else wrong).append((p, at, margin))
+        (ties if margin is not None and margin < tolerance else wrong).append((p, at, margin))
     exact = len(record["prompts"]) - len(ties) - len(wrong)
-    tied = f", {len(ties)} left it at a tie (worker's margin {max(m for _, _, m in ties):.3g} <= {tolerance:g})" if ties else ""
+    tied = f", {len(ties)} left it at a tie (worker's margin {max(m for _, _, m in ties):.3g} < {tolerance:g})" if ties else ""
     kd_report(f"{_title(run)}: {exact}/{len(record['prompts'])} prompts token for token{tied}; {metrics.line()} "
               f"(plot: {kd_artifacts.path(SPECULATIVE_PLOT)})")
     if wrong:
         p, at, margin = wrong[0]
         fail(c.file.name, f"{_title(run)}, prompt {p['case']} ({p['prompt_tokens']} tokens), new token {at}",
              f"the worker's plain greedy token {p['plain'][at:at + 1]} (then {p['plain'][at + 1:at + 4]}...), or a tie "
-             f"(its margin <= {tolerance:g})",
+             f"(its margin < {tolerance:g})",
              f"{p['speculative']['tokens'][at:at + 4]}, worker's margin {margin}"
              + (f"; {len(wrong) - 1} more prompt(s) differ" if len(wrong) > 1 else ""),
              "speculative decoding must never change the output: a verifier that accepts what the worker would not have chosen")
