@@ -15,8 +15,8 @@ trust, so a new project starts without them; the ablations and gates stages say 
 nothing to run, the data stage holds out no gate data, the curriculum telemetry is off (it
 measures on the held-out set), and a full ``kdtrain distill`` needs ``--skip-gate`` until a
 ``gates.yaml`` and a passing ``kdtrain evaluate`` exist. No ``judge.yaml`` for the same reason
-(the reference's bounds are a 135M judge's, null where it cannot judge; a judge's floors come
-from one you trust), and judging with an API teacher spends its calls: the judge stage says it
+(the reference declares its 135M judge known unfit for most items; which judge to trust, and
+against which floors, is yours to decide), and judging with an API teacher spends its calls: the judge stage says it
 has nothing to judge until you add one. No ``speculative.yaml`` either: its acceptance and
 segment bounds are a measured drafter/worker pair's (the speculative stage says it has nothing to
 measure).

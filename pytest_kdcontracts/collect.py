@@ -43,7 +43,7 @@ class ContractItem(pytest.Function):
         return self.path, None, f"{self.path.name}::{self.name}"
 
 
-def make_item(parent: pytest.Collector, check: Check, marks: tuple[str, ...] = ()) -> ContractItem:
+def make_item(parent: pytest.Collector, check: Check, marks: tuple[str | pytest.MarkDecorator, ...] = ()) -> ContractItem:
     item = ContractItem.from_parent(parent, name=check.item_name, callobj=_test_function(check))
     item.check = check
     for mark in ("kdcontract", *marks):

@@ -122,10 +122,13 @@ class KDSession:
             return
         path, _, name = report.nodeid.rpartition("::")
         key = f"{Path(path).name}::{name.split('[')[0]}"
-        outcome = "error" if report.when != "call" and report.failed else report.outcome
+        xfailed = report.skipped and hasattr(report, "wasxfail")  # a declared known failure (judge.yaml's known_unfit)
+        outcome = "error" if report.when != "call" and report.failed else ("xfailed" if xfailed else report.outcome)
         self.outcomes[key][outcome] += 1
         self.notes.extend(value for prop, value in report.user_properties if prop == REPORT_PROPERTY)
-        if report.skipped and isinstance(report.longrepr, tuple):
+        if xfailed:
+            self.skip_reasons[f"xfailed: {report.wasxfail}"] += 1
+        elif report.skipped and isinstance(report.longrepr, tuple):
             self.skip_reasons[report.longrepr[2]] += 1
 
     def summary(self) -> list[str]:
@@ -133,12 +136,13 @@ class KDSession:
         width = max((len(k) for k in self.outcomes), default=10)
         for key in sorted(self.outcomes):
             counts = self.outcomes[key]
-            verdict = "FAILED" if counts["failed"] or counts["error"] else ("skipped" if not counts["passed"] else "passed")
+            verdict = ("FAILED" if counts["failed"] or counts["error"] else "passed" if counts["passed"]
+                       else "xfailed" if counts["xfailed"] else "skipped")
             detail = ", ".join(f"{n} {o}" for o, n in sorted(counts.items()))
             lines.append(f"{verdict:7s} {key:{width}s}  {detail}")
         lines.extend(sorted(self.notes, key=_natural))  # L=64 before L=128, whatever order workers report
         for reason, n in self.skip_reasons.most_common():
-            lines.append(f"skipped {n}x: {reason}")
+            lines.append(f"{n}x {reason}" if reason.startswith("xfailed: ") else f"skipped {n}x: {reason}")
         total = Counter()
         for counts in self.outcomes.values():
             total.update(counts)

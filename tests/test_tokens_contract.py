@@ -15,10 +15,10 @@ def _added(data: dict, text: str) -> dict:
 
 def test_reference_artifacts_pass_every_contract(workspace):
     first = workspace.run("--snapshot-update")  # golden/ starts empty in a fresh workspace
-    first.assert_outcomes(passed=214)
+    first.assert_outcomes(passed=216, xfailed=4)
     first.stdout.fnmatch_lines(["*9 snapshots generated*"])  # 6 golden vectors, 3 ablation baselines
     result = workspace.run()
-    result.assert_outcomes(passed=214)
+    result.assert_outcomes(passed=216, xfailed=4)
     result.stdout.fnmatch_lines([
         "kdcontracts: contracts *contracts",
         "kdcontracts: artifacts *artifacts (from manifest.json)",
@@ -40,6 +40,12 @@ def test_reference_artifacts_pass_every_contract(workspace):
         "passed  gates.yaml::curriculum *1 passed",
         "passed  gates.yaml::scenario *6 passed",
         "passed  gates.yaml::verdict *1 passed",
+        "xfailed judge.yaml::agreement *1 xfailed",  # judge.yaml's known_unfit: the 135M reference judge
+        "xfailed judge.yaml::consistency *1 xfailed",
+        "passed  judge.yaml::length_bias *1 passed",
+        "xfailed judge.yaml::position_bias *1 xfailed",
+        "passed  judge.yaml::probes *1 passed",
+        "xfailed judge.yaml::rank_correlation *1 xfailed",
         "passed  precision_islands.yaml::islands *6 passed",
         "passed  quant_recipe.yaml::ab *2 passed",
         "passed  quant_recipe.yaml::conformance *6 passed",
@@ -56,7 +62,8 @@ def test_reference_artifacts_pass_every_contract(workspace):
         "passed  speculative.yaml::self *2 passed",
         "passed  tool_registry.json::corpus_calls *8 passed",
         "quant A/B L=64: INT8/FP16 size 0.5*",
-        "contracts: 214 passed",
+        "4x xfailed: known unfit: *",
+        "contracts: 216 passed, 4 xfailed",
     ])
 
 

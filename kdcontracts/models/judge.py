@@ -13,10 +13,14 @@ task. It is held to objective signals on a seeded probe set (``kdtrain.judge.pro
 - ``length_preference``: among consistent verdicts on two equally correct answers, the share
   won by the longer.
 
-A bound may be ``null``: the figure is reported, not judged. A figure can be undefined (no
-consistent verdict to take a share of): that fails a floor, which asks for evidence of
-quality, and passes a ceiling, since no verdict shows the bias it caps (``consistency`` is
-what fails such a judge). The judging lives here so that the stage and the plugin apply one rule.
+Every bound is judged. A figure can be undefined (no consistent verdict to take a share of):
+that fails a floor, which asks for evidence of quality, and passes a ceiling, since no verdict
+shows the bias it caps (``consistency`` is what fails such a judge).
+
+``known_unfit`` names the items a judge is known to fail, and why (the reference's 135M
+teacher cannot judge). Its bounds stay the real ones: the plugin runs those items as strict
+xfails (a pass fails, so the entry gets revisited) and the stage logs them as known unfit.
+The judging lives here so that the stage and the plugin apply one rule.
 """
 
 from __future__ import annotations
@@ -51,12 +55,26 @@ class ProbeSettings:
 
 
 @dataclass(frozen=True)
+class KnownUnfit:
+    """Items a judge is known to fail under the real bounds, and what was measured."""
+
+    reason: str
+    items: tuple[str, ...]
+
+
+@dataclass(frozen=True)
 class JudgeContract:
     file: Path
     judges: tuple[str, ...]
     probes: ProbeSettings
     batch_size: int  # prompts per forward pass of a local judge
-    bounds: Mapping[str, Bound | None]  # metric -> bound; None: reported, not judged
+    bounds: Mapping[str, Bound]  # metric -> bound
+    known_unfit: Mapping[str, KnownUnfit]  # judge -> the items it is known to fail
+
+    def unfit_reason(self, judge: str, item: str) -> str | None:
+        """Why ``judge`` is known to fail ``item`` (an item of :data:`ITEMS`), or None."""
+        unfit = self.known_unfit.get(judge)
+        return unfit.reason if unfit is not None and item in unfit.items else None
 
     def judge(self, judge: str, metrics: Mapping[str, float | None], support: Mapping[str, str]) -> list[Judgement]:
         """One judgement per metric, named by its item (``agreement[teacher]``); ``support`` says what each figure counts."""
@@ -65,9 +83,7 @@ class JudgeContract:
             for name in names:
                 bound, value = self.bounds[name], metrics.get(name)
                 detail = f"over {support.get(name, '?')}"
-                if bound is None:
-                    found.append(Judgement(f"{item}[{judge}]", value, f"{name} (bound null: reported, not judged)", True, detail))
-                elif value is None:
+                if value is None:
                     ceiling = bound.min is None
                     why = "no verdict shows the bias it caps" if ceiling else "no evidence of the quality it asks for"
                     found.append(Judgement(f"{item}[{judge}]", None, f"{name} {bound}", ceiling, f"{detail}: undefined, {why}"))
@@ -76,15 +92,29 @@ class JudgeContract:
         return found
 
 
+def _known_unfit(data: dict, problems: list[Problem]) -> dict[str, KnownUnfit]:
+    """``known_unfit``: judge -> {reason, items}, each judge one ``judges`` lists, each item one of :data:`ITEMS`."""
+    found = {}
+    for judge, entry in data.get("known_unfit", {}).items():
+        if judge not in data["judges"]:
+            problems.append(Problem(f"known_unfit.{judge}", f"a judge listed in judges {data['judges']}", repr(judge)))
+        for i, item in enumerate(entry["items"]):
+            if item not in ITEMS:
+                problems.append(Problem(f"known_unfit.{judge}.items[{i}]", f"an item of {list(ITEMS)}", repr(item)))
+        found[judge] = KnownUnfit(entry["reason"], tuple(entry["items"]))
+    return found
+
+
 def parse(path: Path, data: dict) -> JudgeContract:
     bounds, problems = {}, []
     for name in METRICS:
         raw = data["bounds"][name]
-        bounds[name] = None if raw is None else Bound(raw.get("min"), raw.get("max"))
-        if raw is not None and raw.get("min") is not None and raw.get("max") is not None and raw["min"] > raw["max"]:
+        bounds[name] = Bound(raw.get("min"), raw.get("max"))
+        if raw.get("min") is not None and raw.get("max") is not None and raw["min"] > raw["max"]:
             problems.append(Problem(f"bounds.{name}", "min <= max", f"min {raw['min']} > max {raw['max']}"))
+    known_unfit = _known_unfit(data, problems)
     if problems:
         raise ContractFileError(str(path), problems)
     p = data["probes"]
     return JudgeContract(path, tuple(data["judges"]), ProbeSettings(p["seed"], p["pairs_per_kind"], p["graded_tasks"]),
-                         data["batch_size"], bounds)
+                         data["batch_size"], bounds, known_unfit)

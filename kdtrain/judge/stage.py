@@ -11,6 +11,9 @@ A judge is the distill config's teacher (the local model, or the OpenAI-compatib
 through its client, budget and a reply cache ``judge/cache/``) or the distilled student,
 through the same local path as the teacher. A project without ``judge.yaml`` has nothing to
 judge: the stage logs so and writes nothing.
+
+A judgement out of its bound is logged (FAILED, or "known unfit (<reason>)" for an item the
+contract's ``known_unfit`` lists for that judge), never raised: the plugin's items judge it.
 """
 
 from __future__ import annotations
@@ -118,8 +121,10 @@ def evaluate_judges(folder, contract, judges: dict, probes) -> dict:
         metrics = judge_metrics(probes, run["pairwise"], run["pointwise"])
         results[name] = {"identity": judge_identity(folder, name), **run, "metrics": metrics}
         for j in contract.judge(name, metrics["overall"], support(metrics)):
+            unfit = contract.unfit_reason(name, j.item.split("[")[0])
+            verdict = "ok" if j.passed else ("FAILED" if unfit is None else f"known unfit ({unfit})")
             log.info("judge %s: %s %s, %s (%s)", j.item, "undefined" if j.value is None else f"{j.value:.3f}",
-                     "ok" if j.passed else "FAILED", j.expected, j.detail)
+                     verdict, j.expected, j.detail)
     report = {JUDGE_PROBES.name: f"sha256:{folder.entry(JUDGE_PROBES).sha256}", "prompts": prompts_sha256(),
               "contract": str(contract.file), "judges": results}
     atomic.write_json(folder.root / JUDGE_REPORT.path, report)
