@@ -306,12 +306,15 @@ class Workspace:
         through (its files are hard links to the reference build)."""
         import coremltools as ct
 
+        from kdtrain.coreml.convert import scratch
+
         desc = ct.utils.MultiFunctionDescriptor()
         for name in functions:
             desc.add_function(str(converted if name in only else package), src_function_name=name, target_function_name=name)
         desc.default_function_name = functions[0]
         merged = self.pytester.path / "merged.mlpackage"
-        ct.utils.save_multifunction(desc, str(merged))
+        with scratch(merged):
+            ct.utils.save_multifunction(desc, str(merged))
         shutil.rmtree(package)
         shutil.move(merged, package)
         shutil.rmtree(converted)

@@ -9,6 +9,7 @@ best case, and lets each length be verified, shipped or dropped alone.
 from __future__ import annotations
 
 import contextlib
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -16,7 +17,7 @@ import numpy as np
 
 from kdcontracts.models.islands import Island
 from kdtrain import atomic
-from kdtrain.errors import KDError
+from kdtrain.errors import ArtifactError, KDError
 
 _NP = {"int32": np.int32, "float16": np.float16, "float32": np.float32}
 
@@ -61,6 +62,40 @@ def save_multifunction(models: dict, out: Path, default: str) -> None:
         desc.default_function_name = default
         with _package_folder(out) as package:
             ct.utils.save_multifunction(desc, str(package))
+
+
+@contextlib.contextmanager
+def scratch(out: Path | None):
+    """Run coremltools with its temporary packages in a folder beside ``out``, removed at the end.
+
+    coremltools writes every intermediate MLModel (each ``ct.convert`` result, each package that
+    ``save_multifunction`` assembles) as a package in the system temp folder and removes it only at
+    interpreter exit (``atexit``): a pool worker or a test session that converts dozens of packages
+    leaves gigabytes there. coremltools takes no folder argument, so ``tempfile.tempdir`` is set
+    for the block. A failure with the disk nearly full says so: coremltools then reports a package
+    with no valid manifest (it could not write one), which names neither the cause nor the disk.
+    """
+    parent = None if out is None else Path(out).parent
+    if parent is not None:
+        parent.mkdir(parents=True, exist_ok=True)
+    previous = tempfile.tempdir
+    with tempfile.TemporaryDirectory(dir=parent, prefix=".coreml-scratch-") as folder:
+        tempfile.tempdir = folder
+        try:
+            yield Path(folder)
+        except Exception as exc:
+            free = shutil.disk_usage(folder).free
+            if free < LOW_DISK_BYTES:
+                raise ArtifactError(f"{out or folder}: expected room to write a Core ML package, found {free / 2**20:.0f} MiB "
+                                    f"free on the disk holding {folder} (coremltools said: {exc})") from exc
+            raise
+        finally:
+            tempfile.tempdir = previous
+
+
+LOW_DISK_BYTES = 1 << 30
+"""Below this much free space a failed package write is reported as a full disk: one reference
+package is 0.1-0.3 GiB, and coremltools holds three or four copies of it while it writes one."""
 
 
 def save_package(model, out: Path) -> None:

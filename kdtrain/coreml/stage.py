@@ -8,7 +8,7 @@ from __future__ import annotations
 from tqdm import tqdm
 
 from kdtrain.artifact_table import coreml_package
-from kdtrain.coreml.convert import LintError, convert_function, save_multifunction
+from kdtrain.coreml.convert import LintError, convert_function, save_multifunction, scratch
 from kdtrain.export.lint import lint
 from kdtrain.export.programs import HOST_API_VERSION
 from kdtrain.export.stage import export_program
@@ -18,14 +18,15 @@ from kdtrain.stage import StageContext
 
 def convert_length(student, length: int, coreml, rules, islands, out) -> None:
     """Every function the contract declares (verify at its segment length), into one package."""
-    models = {}
-    for function in coreml.functions:
-        program = export_program(student, function, length, coreml.segment)
-        findings = lint(summarize_program(program, function, length), rules)
-        if findings:
-            raise LintError(f"{function}-{length}: conversion not attempted, the linter found:\n" + "\n".join(f"  {f}" for f in findings))
-        models[function] = convert_function(program, coreml.functions[function], islands, coreml.symbol, length)
-    save_multifunction(models, out, default="prefill" if "prefill" in models else next(iter(models)))
+    with scratch(out):
+        models = {}
+        for function in coreml.functions:
+            program = export_program(student, function, length, coreml.segment)
+            findings = lint(summarize_program(program, function, length), rules)
+            if findings:
+                raise LintError(f"{function}-{length}: conversion not attempted, the linter found:\n" + "\n".join(f"  {f}" for f in findings))
+            models[function] = convert_function(program, coreml.functions[function], islands, coreml.symbol, length)
+        save_multifunction(models, out, default="prefill" if "prefill" in models else next(iter(models)))
 
 
 def _convert_one(student_path: str, contracts: str, length: int, out: str) -> int:

@@ -17,7 +17,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from kdcontracts.models.quant import Quantize, Setting
-from kdtrain.coreml.convert import save_package
+from kdtrain.coreml.convert import save_package, scratch
 from kdtrain.quant.recipe import const_name
 
 
@@ -55,6 +55,7 @@ def quantize_package(fp16: Path, out: Path, settings: dict[str, Setting]) -> Non
     program.default_function_name = spec.description.defaultFunctionName
     program.skip_all_passes = True  # the FP16 program was optimised at conversion; keep it op for op
     program.export_as_multifunction = True
-    model = mil_convert(program, convert_to="mlprogram", convert_from="milinternal", specification_version=spec.specificationVersion,
-                        compute_units=ct.ComputeUnit.CPU_ONLY, model_description=spec.description, skip_model_load=True)
-    save_package(model, out)
+    with scratch(out):
+        model = mil_convert(program, convert_to="mlprogram", convert_from="milinternal", specification_version=spec.specificationVersion,
+                            compute_units=ct.ComputeUnit.CPU_ONLY, model_description=spec.description, skip_model_load=True)
+        save_package(model, out)
