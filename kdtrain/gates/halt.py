@@ -280,9 +280,9 @@ def halt_metrics(records: Sequence[HaltRecord], threshold: float, tolerance: int
 
 def plot_halt(records: Sequence[HaltRecord], metrics: dict, folder: Path | str) -> dict[str, Path]:
     """``roc.png``, ``reliability.png`` and ``lengths.png`` in ``folder``, each written atomically."""
-    from kdtrain.train.plots import _pyplot, save_png
+    from kdtrain.plots import pyplot, save_png
 
-    folder, plt = Path(folder), _pyplot()
+    folder, plt = Path(folder), pyplot()
     written = {}
 
     fig, ax = plt.subplots(figsize=(5, 5))

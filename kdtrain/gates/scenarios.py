@@ -302,11 +302,11 @@ def plot_scenarios(results: dict, path: Path | str) -> Path:
     """One group of bars per scenario and metric, one bar per model (teacher, student, baseline)."""
     import numpy as np
 
-    from kdtrain.train.plots import _pyplot, save_png
+    from kdtrain.plots import pyplot, save_png
 
     groups = [(s, m) for s, by_model in results["scenarios"].items() for m in METRICS.get(s, ())]
     models = results["models"]
-    fig, ax = _pyplot().subplots(figsize=(max(8, 0.9 * len(groups) + 2), 4.5))
+    fig, ax = pyplot().subplots(figsize=(max(8, 0.9 * len(groups) + 2), 4.5))
     width = 0.8 / max(1, len(models))
     for i, model in enumerate(models):
         values = [results["scenarios"][s].get(model, {}).get(m, 0.0) for s, m in groups]

@@ -116,9 +116,9 @@ def plot_judges(probes: ProbeSet, results: Mapping[str, Mapping], path: Path) ->
     score against the objective metric on the graded items."""
     import numpy as np
 
-    from kdtrain.train.plots import _pyplot, save_png
+    from kdtrain.plots import pyplot, save_png
 
-    fig, axes = _pyplot().subplots(len(results), 2, figsize=(12, 4.2 * len(results)), squeeze=False)
+    fig, axes = pyplot().subplots(len(results), 2, figsize=(12, 4.2 * len(results)), squeeze=False)
     rng = np.random.default_rng(0)  # jitter only
     for (name, result), (bars, scatter) in zip(results.items(), axes):
         kinds = result["metrics"]["kinds"]

@@ -43,20 +43,16 @@ def student_modules(folder) -> list[str]:
 
 
 def _plots(folder, stats: dict, results: list) -> None:
-    import matplotlib
+    from kdtrain.plots import pyplot, save_png
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(10, 4))
     names = sorted(stats)
     ax.bar(range(len(names)), [stats[n]["p999_abs"] for n in names])
     ax.set_xticks(range(len(names)), names, rotation=90, fontsize=6)
     ax.set_ylabel("p99.9 |activation|")
     ax.set_title("Activation range per module on the calibration set")
-    fig.tight_layout()
-    fig.savefig(folder.root / QUANT_ACTIVATION_PLOT.path, dpi=120)
-    plt.close(fig)
+    save_png(fig, folder.root / QUANT_ACTIVATION_PLOT.path)
     fig, (ax, lat) = plt.subplots(1, 2, figsize=(10, 4))
     for r in results:
         ax.scatter([r.size_fp16 / 1e6, r.size_int8 / 1e6], [1.0, r.cosine_min], label=f"L={r.length}")
@@ -82,9 +78,7 @@ def _plots(folder, stats: dict, results: list) -> None:
     decode.set_ylabel("decode tokens/s (dashed)")
     handles = lat.get_legend_handles_labels()[0] + decode.get_legend_handles_labels()[0]
     lat.legend(handles, [h.get_label() for h in handles], fontsize=7)
-    fig.tight_layout()
-    fig.savefig(folder.root / QUANT_SIZE_ACCURACY_PLOT.path, dpi=120)
-    plt.close(fig)
+    save_png(fig, folder.root / QUANT_SIZE_ACCURACY_PLOT.path)
     folder.record(QUANT_ACTIVATION_PLOT)
     folder.record(QUANT_SIZE_ACCURACY_PLOT)
 

@@ -151,9 +151,9 @@ def reference_shape(folder) -> Shape:
 def plot_memory(config: dict, path) -> None:
     """Memory of one session (weights + workspace + its KV cache) against context, per size, with
     the device's available memory; and the sessions that fit."""
-    from kdtrain.train.plots import _pyplot, save_png
+    from kdtrain.plots import pyplot, save_png
 
-    plt = _pyplot()
+    plt = pyplot()
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.5))
     for size in config["sizes"]:
         lengths = [c["length"] for c in size["contexts"]]

@@ -164,9 +164,9 @@ def plot_acceptance(runs: list[dict], segment: int, path) -> None:
     verifications per drafted segment length (0 to S - 1), one colour per run."""
     import numpy as np
 
-    from kdtrain.train.plots import _pyplot, save_png
+    from kdtrain.plots import pyplot, save_png
 
-    fig, (left, right) = _pyplot().subplots(1, 2, figsize=(11, 4.5))
+    fig, (left, right) = pyplot().subplots(1, 2, figsize=(11, 4.5))
     width, lengths = 0.8 / max(len(runs), 1), np.arange(segment)
     for i, run in enumerate(runs):
         label, m = f"{run['pair']} L={run['length']} [{run['backend']}]", run["metrics"]

@@ -2,29 +2,9 @@
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 
-from kdtrain import atomic
-
-
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def save_png(fig, path: Path) -> Path:
-    """Render ``fig`` and write it atomically (a reader never sees half a PNG); closes it."""
-    buffer = io.BytesIO()
-    fig.tight_layout()
-    fig.savefig(buffer, format="png", dpi=110)
-    _pyplot().close(fig)
-    atomic.write_bytes(path, buffer.getvalue())
-    return path
+from kdtrain.plots import pyplot, save_png
 
 
 def plot_grad_norms(records: list[dict], path: Path, ratio: float) -> Path | None:
@@ -36,7 +16,7 @@ def plot_grad_norms(records: list[dict], path: Path, ratio: float) -> Path | Non
     measured = [r for r in records if r.get("grad_norms")]
     if not measured:
         return None
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(8, 4.5))
     for name in sorted({n for r in measured for n in r["grad_norms"]}):
         points = [(r["step"], r["grad_norms"][name]) for r in measured if r["grad_norms"].get(name, 0) > 0]
@@ -59,7 +39,7 @@ def plot_ablations(results: dict, path: Path) -> Path:
 
     experiments = list(results["experiments"])
     metrics = sorted(results["experiments"][experiments[0]]["metrics"])
-    fig, ax = _pyplot().subplots(figsize=(10, 4))
+    fig, ax = pyplot().subplots(figsize=(10, 4))
     width = 0.8 / len(experiments)
     for i, name in enumerate(experiments):
         values = [results["experiments"][name]["metrics"][m] for m in metrics]
@@ -76,7 +56,7 @@ def plot_curriculum(curriculum: dict, path: Path) -> Path:
     import numpy as np
 
     stages = curriculum["stages"]
-    fig, (halt, length) = _pyplot().subplots(1, 2, figsize=(11, 4), gridspec_kw={"width_ratios": [3, 2]})
+    fig, (halt, length) = pyplot().subplots(1, 2, figsize=(11, 4), gridspec_kw={"width_ratios": [3, 2]})
     for stage in stages:
         points = [((b["from"] + b["to"]) / 2, b["mean"]) for b in stage["halt"]["positions"] if b["mean"] is not None]
         line, = halt.plot(*zip(*points), marker="o", markersize=3, label=f"{stage['stage']} (step {stage['steps'][1]})")
