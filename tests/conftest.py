@@ -60,6 +60,16 @@ def _not_an_xdist_worker(monkeypatch):
         monkeypatch.delenv(name, raising=False)
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """For a module of tiny models: they run faster on one thread than on two fighting over two
+    busy cores (``pytestmark = pytest.mark.usefixtures("one_torch_thread")``)."""
+    from kdtrain.runtime import speed
+
+    with speed.threads(1):
+        yield
+
+
 # Modules a contract run can import lazily (coremltools' converters and passes, torch.export,
 # the student's transformers classes), imported here before any test.
 _IMPORTED_UP_FRONT = (

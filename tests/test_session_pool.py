@@ -37,13 +37,7 @@ PROMPTS = [[5, 9, 2], [17, 3], [40, 41, 42, 43], [7]]
 
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """A model this small runs faster on one thread than on two fighting over two busy cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 tokens = st.integers(0, VOCAB - 1)

@@ -47,13 +47,7 @@ SIDES = {"worker": _side(WORKER), "noisy": _side(_student(1, noise_of=WORKER)), 
 SIDES["self"] = _side(WORKER)  # the worker's own weights, another session
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Models this small run faster on one thread than on two fighting over two busy cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 policies = st.builds(lambda lo, extra, threshold: SegmentPolicy(lo, lo + extra, threshold),
