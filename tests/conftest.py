@@ -174,7 +174,7 @@ TEST_GATES = {"bases_per_scenario": 3, "cases_per_scenario": 2, "max_new_tokens"
 # a drafter shifted by one id makes 1.05 tokens per verification, below the floor (the student's
 # repeated digit, shifted, is sometimes the teacher's next one: its acceptance rate stays 0.05).
 TEST_SPECULATIVE = {
-    "contract": {"lengths": [128], "prompts": {"count": 2, "max_new_tokens": 24}},
+    "contract": {"lengths": [64, 128], "prompts": {"count": 2, "max_new_tokens": 24}},  # one prompt at each length
     "teacher_pair": {"segments": {"min": 1, "max": 7, "halt_threshold": 0.01},
                      "bounds": {"acceptance_rate": {"min": 0.01}, "mean_accepted_length": {"min": 1.1},
                                 "segment_accepted_fraction": {"min": 0.1, "max": 1.0}}},

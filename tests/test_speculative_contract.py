@@ -24,6 +24,7 @@ from kdtrain.runtime.speculative_stage import Sides
 from conftest import REPO
 
 TEACHER_PAIR, SELF_PAIR = "student->teacher", "student->student"
+LENGTHS = (64, 128)  # the test contracts' speculative lengths (tests/conftest.py), one prompt each
 
 
 def _items(workspace, *args):
@@ -35,11 +36,15 @@ def test_every_speculative_item_passes_on_the_reference_artifacts(workspace):
     result, failed = _items(workspace)
     assert failed == set() and result.ret == 0, result.stdout.str()
     out, package = result.stdout.str(), backend_name()
-    for item in ("exact", "acceptance", "segments"):
-        assert f"PASSED contracts/speculative.yaml::{item}[{TEACHER_PAIR}-128-{package}]" in out
     for backend in (package, "torch"):
-        assert f"PASSED contracts/speculative.yaml::self[{SELF_PAIR}-128-{backend}]" in out
-    assert f"speculative pair {TEACHER_PAIR} at L=128 [{package}]: " in out and "per position [" in out  # the summary
+        assert f"PASSED contracts/speculative.yaml::self[{SELF_PAIR}-{backend}]" in out
+        for length in LENGTHS:  # exact at every length, each on its own share of the prompts
+            assert f"PASSED contracts/speculative.yaml::exact[{SELF_PAIR}-{length}-{backend}]" in out
+    for item in ("acceptance", "segments"):
+        assert f"PASSED contracts/speculative.yaml::{item}[{TEACHER_PAIR}-{package}]" in out
+    # the summary: each run's exactness, each pool's figures
+    assert f"speculative pair {TEACHER_PAIR} at L=64 [{package}]: 1/1 prompts token for token" in out
+    assert f"speculative pair {TEACHER_PAIR} [{package}] over L=64/128: acceptance " in out and "per position [" in out
 
 
 class _Planted:
@@ -103,13 +108,14 @@ def test_each_planted_fault_fails_its_own_item(workspace, monkeypatch):
     run_pipeline(workspace.artifacts, ["speculative"], workspace.contracts, REPO / "configs/distill_reference.yaml")
 
     result, failed = _items(workspace)
-    assert failed == {f"{item}[{name}-128-torch]" for name, (*_, items) in FAULTS.items() for item in items}
+    assert failed == {f"{item}[{name}-torch]" if item != "exact" else f"exact[{name}-{length}-torch]"
+                      for name, (*_, items) in FAULTS.items() for item in items for length in LENGTHS}
     result.stdout.fnmatch_lines([
-        "*speculative pair shifted-drafter at L=128 [[]torch[]]: acceptance[[]mean_accepted_length[]]",
-        "*expected: mean_accepted_length >= 1.1",
-        "*speculative pair accepting-verifier at L=128 [[]torch[]], prompt *, new token *",
+        "*speculative pair accepting-verifier at L=64 [[]torch[]], prompt *, new token *",
         "*expected: the worker's plain greedy token *",
-        "*speculative pair silent-halt-head at L=128 [[]torch[]]: segments[[]segment_accepted_fraction[]]",
+        "*speculative pair shifted-drafter [[]torch[]] over L=64/128: acceptance[[]mean_accepted_length[]]",
+        "*expected: mean_accepted_length >= 1.1",
+        "*speculative pair silent-halt-head [[]torch[]] over L=64/128: segments[[]segment_accepted_fraction[]]",
     ])
 
 
@@ -134,7 +140,7 @@ def test_a_divergence_at_a_tie_fails_without_an_allowance_and_passes_within_one(
         path.write_text(yaml.safe_dump(contract, sort_keys=False))
 
     workspace.edit_json(SPECULATIVE_REPORT.path, diverge)
-    for allowance, failed_items, line in ((0.0, {f"exact[{SELF_PAIR}-128-{package}]"}, "*or a tie (its margin < 0)*"),
+    for allowance, failed_items, line in ((0.0, {f"exact[{SELF_PAIR}-64-{package}]"}, "*or a tie (its margin < 0)*"),
                                           (0.125, set(), "*1 left it at a tie (worker's margin 0 < 0.125)*")):
         tolerate(allowance)
         result, failed = _items(workspace, "-k", "exact")  # -k cannot spell "->"
@@ -149,7 +155,7 @@ def test_a_report_of_other_packages_or_settings_fails_as_stale(workspace):
 
     workspace.edit_json(SPECULATIVE_REPORT.path, other_student)
     result, failed = _items(workspace, "-k", "torch")
-    assert failed == {f"{item}[{SELF_PAIR}-128-torch]" for item in ("exact", "self")}
+    assert failed == {f"exact[{SELF_PAIR}-64-torch]", f"self[{SELF_PAIR}-torch]"}  # the pool fails with its stale run
     result.stdout.fnmatch_lines(["*expected: a measurement of this folder's artifacts",
                                  "*found:    {'student.distilled': 'recorded sha256:0000*, now sha256:*'}",
                                  "*re-run: kdtrain pipeline --stages speculative"])
@@ -159,23 +165,25 @@ def test_a_report_of_other_packages_or_settings_fails_as_stale(workspace):
     contract["prompts"]["max_new_tokens"] += 1
     path.write_text(yaml.safe_dump(contract, sort_keys=False))
     _, failed = _items(workspace, "-k", "acceptance")
-    assert failed == {f"acceptance[{TEACHER_PAIR}-128-{backend_name()}]"}
+    assert failed == {f"acceptance[{TEACHER_PAIR}-{backend_name()}]"}
 
 
 def test_a_pair_the_packages_cannot_honour_is_a_located_error(tmp_path):
-    """Segments longer than verify's S - 1, a length the packages lack, a non-self pair without
-    bounds, or packages without a verify function: one located problem each, at collection."""
+    """Segments longer than verify's S - 1, a length the packages lack, fewer prompts than lengths,
+    a non-self pair without bounds, or packages without a verify function: one located problem
+    each, at collection."""
     for name in ("speculative.yaml", "coreml_contract.json"):
         shutil.copy(REPO / "contracts" / name, tmp_path / name)
     path = tmp_path / "speculative.yaml"
     contract = yaml.safe_load(path.read_text())
     contract["lengths"] = [512, 300]
+    contract["prompts"]["count"] = 1
     contract["pairs"][0]["segments"]["max"] = 8
     del contract["pairs"][0]["bounds"]
     path.write_text(yaml.safe_dump(contract, sort_keys=False))
     with pytest.raises(ContractFileError) as info:
         load(path)
-    assert [p.key_path for p in info.value.problems] == ["lengths[1]", "pairs[0].segments.max", "pairs[0].bounds"]
+    assert [p.key_path for p in info.value.problems] == ["lengths[1]", "prompts.count", "pairs[0].segments.max", "pairs[0].bounds"]
     assert "at most 7 (coreml_contract.json's verify takes S = 8 tokens" in str(info.value)
 
     coreml = json.loads((tmp_path / "coreml_contract.json").read_text())
@@ -183,3 +191,15 @@ def test_a_pair_the_packages_cannot_honour_is_a_located_error(tmp_path):
     (tmp_path / "coreml_contract.json").write_text(json.dumps(coreml))
     with pytest.raises(ContractFileError, match=r"at \(coreml_contract.json\): expected a verify function"):
         load(path)
+
+
+def test_the_prompts_are_dealt_over_the_lengths():
+    """Prompt i runs at length i mod n: every length has its own, and a pair's figures pool them."""
+    from dataclasses import replace
+
+    contract = replace(load(REPO / "contracts/speculative.yaml"), prompts=6, lengths=(512, 1024, 2048, 4096))
+    assert {n: list(contract.prompt_indices(n)) for n in contract.lengths} == {512: [0, 4], 1024: [1, 5], 2048: [2], 4096: [3]}
+    pools = list(contract.pools("mil-reference"))
+    assert [p.params for p in pools] == [("student->teacher", "mil-reference"), ("student->student", "mil-reference"),
+                                         ("student->student", "torch")]
+    assert all([r.length for r in p.runs] == [512, 1024, 2048, 4096] for p in pools)

@@ -10,6 +10,13 @@ package) must accept every drafted token. The runs are pairs x ``lengths`` x eac
 ``backends``: ``package`` is the platform's runtime (Core ML on macOS, the MIL executor
 elsewhere), ``torch`` the PyTorch programs the packages were converted from.
 
+The held-out prompts are dealt round-robin over the lengths (prompt i runs at length i mod
+n): every length's package is held to exactness on its own prompts, while the acceptance,
+segment and self figures pool a pair's runs on a backend over every length. Those figures do
+not depend on the context length (the same weights propose and verify the same tokens; the
+packages differ only in the cache's size), and pooling keeps the stage's cost that of
+``prompts.count`` decodings per pair and backend however many lengths there are.
+
 The judging lives here, beside the bounds (as gates.yaml's does): the stage that measures and
 the plugin that re-judges its records apply one rule.
 """
@@ -72,9 +79,22 @@ class Run:
 
 
 @dataclass(frozen=True)
+class Pool:
+    """A pair's runs on one backend, over every length: what its figures are judged on."""
+
+    pair: Pair
+    backend: str  # the resolved backend
+    runs: tuple[Run, ...]
+
+    @property
+    def params(self) -> tuple[str, str]:
+        return self.pair.name, self.backend
+
+
+@dataclass(frozen=True)
 class SpeculativeContract:
     file: Path
-    prompts: int  # held-out prompts per run
+    prompts: int  # held-out prompts per pair and backend, dealt over the lengths
     max_new_tokens: int
     lengths: tuple[int, ...]
     pairs: tuple[Pair, ...]
@@ -92,13 +112,25 @@ class SpeculativeContract:
                 for backend in pair.backends:
                     yield Run(pair, length, package_backend if backend == "package" else backend)
 
-    def tolerance(self, run: Run) -> float:
-        """The tie tolerance of the run's worker: the teacher runs on torch, a package on the run's backend."""
-        return self.tie_tolerance["torch" if run.pair.worker == TEACHER else run.backend]
+    def pools(self, package_backend: str) -> Iterator[Pool]:
+        """Every pair x its backends, with its runs at every length."""
+        runs = list(self.runs(package_backend))
+        for pair in self.pairs:
+            for backend in dict.fromkeys(r.backend for r in runs if r.pair == pair):
+                yield Pool(pair, backend, tuple(r for r in runs if r.pair == pair and r.backend == backend))
+
+    def prompt_indices(self, length: int) -> range:
+        """Which of the ``prompts`` held-out prompts run at ``length``: dealt round-robin over the lengths."""
+        return range(self.lengths.index(length), self.prompts, len(self.lengths))
+
+    def tolerance(self, pair: Pair, backend: str) -> float:
+        """The tie tolerance of the pair's worker: the teacher runs on torch, a package on the backend."""
+        return self.tie_tolerance["torch" if pair.worker == TEACHER else backend]
 
     def settings(self, pair: Pair) -> dict:
         """What a recorded run must have been measured with to be judged under this contract."""
-        return {"prompts": self.prompts, "max_new_tokens": self.max_new_tokens, "segment": self.segment, **pair.settings()}
+        return {"prompts": self.prompts, "lengths": list(self.lengths), "max_new_tokens": self.max_new_tokens,
+                "segment": self.segment, **pair.settings()}
 
     def judge_acceptance(self, pair: Pair, metrics: Mapping) -> list[Judgement]:
         b = pair.bounds
@@ -109,8 +141,9 @@ class SpeculativeContract:
         bound, value = pair.bounds.segment_accepted_fraction, metrics.get("segment_accepted_fraction")
         return [Judgement("segments[segment_accepted_fraction]", value, str(bound), bound.holds(value))]
 
-    def judge_self(self, run: Run, metrics: Mapping) -> list[Judgement]:
-        value, margin, tolerance = metrics.get("acceptance_rate"), metrics.get("max_rejection_margin"), self.tolerance(run)
+    def judge_self(self, pool: Pool, metrics: Mapping) -> list[Judgement]:
+        value, margin = metrics.get("acceptance_rate"), metrics.get("max_rejection_margin")
+        tolerance = self.tolerance(pool.pair, pool.backend)
         return [Judgement("self[acceptance_rate]", value, f"exactly 1 (the drafter drafting for itself), or rejections "
                           f"only at ties (worker's margin < {tolerance:g})", value == 1.0 or (margin is not None and margin < tolerance),
                           f"largest rejection margin {margin}")]
@@ -151,6 +184,9 @@ def parse(path: Path, data: dict) -> SpeculativeContract:
     problems += [Problem(f"pairs[{i}].name", "a name no other pair has", repr(n)) for i, n in enumerate(names) if n in names[:i]]
     problems += [Problem(f"lengths[{i}]", f"one of coreml_contract.json's enumerated lengths {list(coreml.lengths)}", repr(n))
                  for i, n in enumerate(data["lengths"]) if n not in coreml.lengths]
+    if data["prompts"]["count"] < len(data["lengths"]):
+        problems.append(Problem("prompts.count", f"at least one prompt per length ({len(data['lengths'])}: the prompts are "
+                                "dealt over the lengths)", repr(data["prompts"]["count"])))
     for i, p in enumerate(data["pairs"]):
         problems += _pair_problems(i, p, coreml.segment)
     if problems:

@@ -1,12 +1,13 @@
 """Pipeline stage ``speculative``: decode held-out prompts with each drafter/worker pair of
 ``speculative.yaml`` and record every token.
 
-For every run (pair x length x backend) and prompt, ``speculative/report.json`` keeps the
+The contract deals its held-out prompts over its lengths, so each run (pair x length x backend)
+decodes its share. For every run and prompt, ``speculative/report.json`` keeps the
 worker's plain greedy tokens and the speculative decoding's, with every verification (drafted,
 accepted, why the segment ended), and binds the run to what it measured: the SHA-256 of the
 packages (or of the exported student, on torch), the tokenizers and the held-out cases, the
 teacher's version, the contract's settings. ``speculative/acceptance.png`` plots per-position
-acceptance and the segment lengths. The plugin recomputes every figure from these records with
+acceptance and the segment lengths of each pair and backend over every length. The plugin recomputes every figure from these records with
 the contract's current bounds, and fails a run another build or other settings made. A
 project without ``speculative.yaml`` has nothing to measure: the stage logs so and writes nothing.
 
@@ -145,7 +146,8 @@ def measure_run(sides: Sides, contract, run, plain: dict) -> dict:
     policy = SegmentPolicy(pair.segments.min, pair.segments.max, pair.segments.halt_threshold)
     worker_key = TEACHER if pair.worker == TEACHER else (pair.worker, run.length, run.backend)
     prompts, decodings = [], []
-    for case, prompt in held_out_prompts(sides.folder, tokenizer, contract.prompts, min(contract.lengths), contract.file):
+    held_out = held_out_prompts(sides.folder, tokenizer, contract.prompts, min(contract.lengths), contract.file)
+    for case, prompt in (held_out[i] for i in contract.prompt_indices(run.length)):
         if (worker_key, case) not in plain:
             plain[worker_key, case] = greedy_decode(worker, prompt, contract.max_new_tokens, eos)
         decoding = speculative_decode(drafter, worker, prompt, contract.max_new_tokens, eos, policy)
@@ -159,17 +161,27 @@ def measure_run(sides: Sides, contract, run, plain: dict) -> dict:
             "inputs": sides.inputs(run), "seconds": round(seconds, 2), "prompts": prompts, "metrics": metrics.to_json()}
 
 
-def plot_acceptance(runs: list[dict], segment: int, path) -> None:
+def pooled(runs: list[dict]) -> dict[str, dict]:
+    """Each pair's figures on each backend over its runs at every length (what the contract judges),
+    by label ``<pair> [<backend>]``."""
+    from kdtrain.runtime.speculative import Decoding, SpeculativeMetrics
+
+    pools = {}
+    for run in runs:
+        pools.setdefault(f"{run['pair']} [{run['backend']}]", []).extend(Decoding.from_json(p["speculative"]) for p in run["prompts"])
+    return {label: SpeculativeMetrics.of(decodings).to_json() for label, decodings in pools.items()}
+
+
+def plot_acceptance(pools: dict[str, dict], segment: int, path) -> None:
     """Per-position acceptance (P(the i-th drafted token is accepted | drafted)) and the share of
-    verifications per drafted segment length (0 to S - 1), one colour per run."""
+    verifications per drafted segment length (0 to S - 1), one colour per pair and backend."""
     import numpy as np
 
     from kdtrain.plots import pyplot, save_png
 
     fig, (left, right) = pyplot().subplots(1, 2, figsize=(11, 4.5))
-    width, lengths = 0.8 / max(len(runs), 1), np.arange(segment)
-    for i, run in enumerate(runs):
-        label, m = f"{run['pair']} L={run['length']} [{run['backend']}]", run["metrics"]
+    width, lengths = 0.8 / max(len(pools), 1), np.arange(segment)
+    for i, (label, m) in enumerate(pools.items()):
         left.plot(range(1, len(m["per_position"]) + 1), m["per_position"], marker="o", label=label)
         drafted = {int(k): n for k, n in m["segment_lengths"].items()}  # JSON keys are strings
         counts = np.array([drafted.get(k, 0) for k in lengths], dtype=float)
@@ -197,7 +209,11 @@ def stage_speculative(ctx: StageContext) -> None:
         runs.append(measure_run(sides, contract, run, plain))
     atomic.write_json(folder.root / SPECULATIVE_REPORT.path, {"contract": str(contract.file), "runs": runs})
     folder.record(SPECULATIVE_REPORT)
-    plot_acceptance(runs, contract.segment, folder.root / SPECULATIVE_PLOT.path)
+    pools = pooled(runs)
+    for label, metrics in pools.items():
+        log.info("speculative %s over L=%s: acceptance %s, %s tokens/verification", label, "/".join(map(str, contract.lengths)),
+                 metrics["acceptance_rate"], metrics["mean_accepted_length"])
+    plot_acceptance(pools, contract.segment, folder.root / SPECULATIVE_PLOT.path)
     folder.record(SPECULATIVE_PLOT)
     exact = sum(p["plain"] == p["speculative"]["tokens"] for r in runs for p in r["prompts"])
     total = sum(len(r["prompts"]) for r in runs)

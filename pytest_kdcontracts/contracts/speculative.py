@@ -7,11 +7,13 @@ contract (the packages, tokenizers, cases and teacher it measured; the settings 
 recompute every figure from it with the contract's current bounds:
 
 - ``exact[<pair>-<L>-<backend>]``: every prompt's speculative tokens are the worker's plain
-  greedy tokens (its metrics are printed in the kdcontracts summary);
-- ``acceptance[...]``: acceptance rate and mean accepted length per verification at least their floors;
-- ``segments[...]``: the accepted fraction of a segment within its band (segments neither so
-  short that verification is wasted nor so long that most of each is rejected);
-- ``self[...]``: a self pair (the drafter drafting for itself) accepts every drafted token.
+  greedy tokens, at every length;
+- ``acceptance[<pair>-<backend>]``: acceptance rate and mean accepted length per verification at
+  least their floors, over the pair's runs at every length (the contract deals the prompts over
+  the lengths; the figures are printed in the kdcontracts summary);
+- ``segments[<pair>-<backend>]``: the accepted fraction of a segment within its band (segments
+  neither so short that verification is wasted nor so long that most of each is rejected);
+- ``self[<pair>-<backend>]``: a self pair (the drafter drafting for itself) accepts every drafted token.
 """
 
 from __future__ import annotations
@@ -20,14 +22,16 @@ import json
 from functools import partial
 from typing import Iterator
 
-from kdcontracts.models.speculative import TEACHER, Run, SpeculativeContract
+from kdcontracts.models.speculative import TEACHER, Pool, Run, SpeculativeContract
 from kdtrain.artifact_table import SPECULATIVE_PLOT, SPECULATIVE_REPORT, coreml_package
 from pytest_kdcontracts.check import Check, fail
 
 RERUN = "re-run: kdtrain pipeline --stages speculative"
 
 
-def _title(run: Run) -> str:
+def _title(run: Run | Pool) -> str:
+    if isinstance(run, Pool):
+        return f"speculative pair {run.pair.name} [{run.backend}] over L={'/'.join(str(r.length) for r in run.runs)}"
     return f"speculative pair {run.pair.name} at L={run.length} [{run.backend}]"
 
 
@@ -60,16 +64,21 @@ def run_record(c: SpeculativeContract, run: Run, kd_artifacts) -> dict:
     return record
 
 
-def _metrics(record: dict):
+def _metrics(*records: dict):
     from kdtrain.runtime.speculative import Decoding, SpeculativeMetrics
 
-    return SpeculativeMetrics.of([Decoding.from_json(p["speculative"]) for p in record["prompts"]])
+    return SpeculativeMetrics.of([Decoding.from_json(p["speculative"]) for record in records for p in record["prompts"]])
 
 
-def _judge(c: SpeculativeContract, run: Run, judgements, metrics) -> None:
+def _pooled(c: SpeculativeContract, pool: Pool, kd_artifacts):
+    """The pool's figures, from every one of its runs' records (each must be current)."""
+    return _metrics(*(run_record(c, run, kd_artifacts) for run in pool.runs))
+
+
+def _judge(c: SpeculativeContract, pool: Pool, judgements, metrics) -> None:
     failed = [j for j in judgements if not j.passed]
     if failed:
-        fail(c.file.name, f"{_title(run)}: " + ", ".join(j.item for j in failed),
+        fail(c.file.name, f"{_title(pool)}: " + ", ".join(j.item for j in failed),
              "; ".join(f"{j.item.split('[')[1][:-1]} {j.expected}" for j in failed),
              "; ".join(f"{j.value}" for j in failed), metrics.line())
 
@@ -77,8 +86,8 @@ def _judge(c: SpeculativeContract, run: Run, judgements, metrics) -> None:
 def check_exact(c: SpeculativeContract, run: Run, kd_artifacts, kd_report) -> None:
     from kdtrain.runtime.speculative import first_difference
 
-    record, tolerance = run_record(c, run, kd_artifacts), c.tolerance(run)
-    metrics, ties, wrong = _metrics(record), [], []
+    record, tolerance = run_record(c, run, kd_artifacts), c.tolerance(run.pair, run.backend)
+    ties, wrong = [], []
     for p in record["prompts"]:
         at = first_difference(p["plain"], p["speculative"]["tokens"])
         if at is None:
@@ -88,8 +97,7 @@ def check_exact(c: SpeculativeContract, run: Run, kd_artifacts, kd_report) -> No
         (ties if margin is not None and margin < tolerance else wrong).append((p, at, margin))
     exact = len(record["prompts"]) - len(ties) - len(wrong)
     tied = f", {len(ties)} left it at a tie (worker's margin {max(m for _, _, m in ties):.3g} < {tolerance:g})" if ties else ""
-    kd_report(f"{_title(run)}: {exact}/{len(record['prompts'])} prompts token for token{tied}; {metrics.line()} "
-              f"(plot: {kd_artifacts.path(SPECULATIVE_PLOT)})")
+    kd_report(f"{_title(run)}: {exact}/{len(record['prompts'])} prompts token for token{tied}")
     if wrong:
         p, at, margin = wrong[0]
         fail(c.file.name, f"{_title(run)}, prompt {p['case']} ({p['prompt_tokens']} tokens), new token {at}",
@@ -100,19 +108,21 @@ def check_exact(c: SpeculativeContract, run: Run, kd_artifacts, kd_report) -> No
              "speculative decoding must never change the output: a verifier that accepts what the worker would not have chosen")
 
 
-def check_acceptance(c: SpeculativeContract, run: Run, kd_artifacts) -> None:
-    metrics = _metrics(run_record(c, run, kd_artifacts))
-    _judge(c, run, c.judge_acceptance(run.pair, metrics.to_json()), metrics)
+def check_acceptance(c: SpeculativeContract, pool: Pool, kd_artifacts, kd_report) -> None:
+    metrics = _pooled(c, pool, kd_artifacts)
+    kd_report(f"{_title(pool)}: {metrics.line()} (plot: {kd_artifacts.path(SPECULATIVE_PLOT)})")
+    _judge(c, pool, c.judge_acceptance(pool.pair, metrics.to_json()), metrics)
 
 
-def check_segments(c: SpeculativeContract, run: Run, kd_artifacts) -> None:
-    metrics = _metrics(run_record(c, run, kd_artifacts))
-    _judge(c, run, c.judge_segments(run.pair, metrics.to_json()), metrics)
+def check_segments(c: SpeculativeContract, pool: Pool, kd_artifacts) -> None:
+    metrics = _pooled(c, pool, kd_artifacts)
+    _judge(c, pool, c.judge_segments(pool.pair, metrics.to_json()), metrics)
 
 
-def check_self(c: SpeculativeContract, run: Run, kd_artifacts) -> None:
-    metrics = _metrics(run_record(c, run, kd_artifacts))
-    _judge(c, run, c.judge_self(run, metrics.to_json()), metrics)
+def check_self(c: SpeculativeContract, pool: Pool, kd_artifacts, kd_report) -> None:
+    metrics = _pooled(c, pool, kd_artifacts)
+    kd_report(f"{_title(pool)}: {metrics.line()} (plot: {kd_artifacts.path(SPECULATIVE_PLOT)})")
+    _judge(c, pool, c.judge_self(pool, metrics.to_json()), metrics)
 
 
 def checks(c: SpeculativeContract) -> Iterator[Check]:
@@ -120,8 +130,9 @@ def checks(c: SpeculativeContract) -> Iterator[Check]:
 
     for run in c.runs(backend_name()):
         yield Check("exact", run.params, partial(check_exact, c, run), ("kd_artifacts", "kd_report"))
-        if run.pair.bounds is not None:
-            yield Check("acceptance", run.params, partial(check_acceptance, c, run), ("kd_artifacts",))
-            yield Check("segments", run.params, partial(check_segments, c, run), ("kd_artifacts",))
-        if run.pair.is_self:
-            yield Check("self", run.params, partial(check_self, c, run), ("kd_artifacts",))
+    for pool in c.pools(backend_name()):
+        if pool.pair.bounds is not None:
+            yield Check("acceptance", pool.params, partial(check_acceptance, c, pool), ("kd_artifacts", "kd_report"))
+            yield Check("segments", pool.params, partial(check_segments, c, pool), ("kd_artifacts",))
+        if pool.pair.is_self:
+            yield Check("self", pool.params, partial(check_self, c, pool), ("kd_artifacts", "kd_report"))
