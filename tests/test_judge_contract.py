@@ -38,13 +38,8 @@ REAL_RUN = {"consistency": {"min": 0.8}, "position_bias": {"min": 0.4, "max": 0.
             "agreement_all": {"min": 0.75}, "spearman": {"min": 0.5}, "kendall": {"min": 0.4}, "length_preference": {"max": 0.7}}
 
 
-def _judge_items(workspace, *args):
-    result = workspace.run("-m", "judge", "-rA", *args)
-    return result, workspace.failed(result)
-
-
 def test_the_reference_judge_fails_exactly_the_items_it_is_declared_unfit_for(workspace):
-    result, failed = _judge_items(workspace)
+    result, failed = workspace.run_family("judge")
     out = result.stdout.str()
     assert failed == set() and result.ret == 0, out
     for item in ("probes", "length_bias[teacher]"):
@@ -59,7 +54,7 @@ def test_the_reference_judge_fails_exactly_the_items_it_is_declared_unfit_for(wo
 
 def test_a_known_unfit_item_that_passes_fails_the_run(workspace):
     _edit_judge_contract(workspace, lambda data: data["known_unfit"]["teacher"]["items"].append("length_bias"))
-    result, failed = _judge_items(workspace, "-k", "length_bias")
+    result, failed = workspace.run_family("judge", "-k", "length_bias")
     out = result.stdout.str()
     assert failed == {"length_bias[teacher]"} and result.ret != 0, out
     assert "FAILED contracts/judge.yaml::length_bias[teacher]" in out and "[XPASS(strict)]" in out, out
@@ -88,8 +83,9 @@ def _malformed(tmp_path, change) -> str:
      'at known_unfit.teacher.reason: expected a string of at least 1 character(s), found "" (string)'),
     (lambda d: d["known_unfit"]["teacher"].update(items=[]), "at known_unfit.teacher.items: expected at least 1 item(s), found 0 item(s)"),
     (lambda d: d["bounds"].update(consistency=None), "at bounds.consistency: expected object, found null (null)"),
-], ids=["unknown-item", "judge-not-listed", "unknown-judge", "empty-reason", "no-items", "null-bound"])
-def test_a_malformed_known_unfit_or_a_null_bound_is_a_located_contract_error(tmp_path, change, expected):
+    (lambda d: d["bounds"].update(consistency={"min": 0.9, "max": 0.5}), "at bounds.consistency: expected min <= max, found min 0.9 > max 0.5"),
+], ids=["unknown-item", "judge-not-listed", "unknown-judge", "empty-reason", "no-items", "null-bound", "inverted-bound"])
+def test_a_malformed_known_unfit_or_a_bad_bound_is_a_located_contract_error(tmp_path, change, expected):
     assert expected in _malformed(tmp_path, change)
 
 
@@ -193,7 +189,7 @@ def _plant(workspace, probes: ProbeSet, judge_class) -> None:
 ], ids=["objective", "always-first", "prefers-longer", "random-scores"])
 def test_a_planted_judge_fails_its_own_items(workspace, reference_probes, judge_class, must, may, says):
     _plant(workspace, reference_probes, judge_class)
-    result, failed = _judge_items(workspace, "-k", "not probes")  # the probe set's own item: below
+    result, failed = workspace.run_family("judge", "-k", "not probes")  # the probe set's own item: below
     assert must <= failed <= must | may, result.stdout.str()
     assert says is None or re.search(says, result.stdout.str()), result.stdout.str()
 
@@ -221,7 +217,7 @@ def test_a_report_on_another_judge_or_probe_set_fails_every_judge_item(workspace
         data["judges"] = ["teacher", "student"]
 
     _edit_judge_contract(workspace, student_too)
-    result, failed = _judge_items(workspace, "-k", "not probes")
+    result, failed = workspace.run_family("judge", "-k", "not probes")
     assert failed == {f"{i}[student]" for i in JUDGE_ITEMS} and "a report on another judge says nothing" in result.stdout.str()
 
     def other_seed(data):
@@ -231,7 +227,7 @@ def test_a_report_on_another_judge_or_probe_set_fails_every_judge_item(workspace
     _edit_judge_contract(workspace, other_seed)
     ctx = workspace.stage_context()
     build_probes(ctx.folder, ctx.contract("judge.yaml"), ctx.contract("tool_registry.json"))  # probes rebuilt, not re-judged
-    result, failed = _judge_items(workspace, "-k", "not probes")
+    result, failed = workspace.run_family("judge", "-k", "not probes")
     assert failed == {f"{i}[teacher]" for i in JUDGE_ITEMS}
     assert "a report on other probes says nothing about these" in result.stdout.str()
 
@@ -248,6 +244,6 @@ def test_a_probe_set_whose_outputs_no_longer_measure_as_recorded_fails_probes(wo
     workspace.edit_json(f"{JUDGE_PROBES.path}/{PROBES_JSON}",
                         lambda info: info.update(sha256=hashlib.sha256((folder / PROBES_JSONL).read_bytes()).hexdigest()))
     ArtifactsFolder.open(workspace.artifacts).record(JUDGE_PROBES)  # as a re-recording editor would
-    result, failed = _judge_items(workspace)
+    result, failed = workspace.run_family("judge")
     assert f"{probe['id']} output {probe['better']}: recorded metric 1.0, measured 0.0" in result.stdout.str()
     assert failed == {"probes", *(f"{i}[teacher]" for i in JUDGE_ITEMS)}  # and the report judged the probe set as it was

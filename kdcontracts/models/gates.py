@@ -19,11 +19,25 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
 
+from kdcontracts.errors import Problem
+
 
 @dataclass(frozen=True)
 class Bound:
+    """A contract's ``{min, max}`` on a measured value; either side may be absent (or null)."""
+
     min: float | None = None
     max: float | None = None
+
+    @classmethod
+    def of(cls, data: Mapping) -> "Bound":
+        return cls(data.get("min"), data.get("max"))
+
+    def problems(self, key: str) -> list[Problem]:
+        """A bound no value can hold (min above max), located at ``key``."""
+        if self.min is not None and self.max is not None and self.min > self.max:
+            return [Problem(key, "min <= max", f"min {self.min} > max {self.max}")]
+        return []
 
     def holds(self, value: float | None) -> bool:
         if value is None or value != value:  # no value (or NaN) never passes a bound
@@ -143,15 +157,11 @@ class GatesContract:
         return found
 
 
-def _bound(data: Mapping) -> Bound:
-    return Bound(data.get("min"), data.get("max"))
-
-
 def parse(path: Path, data: dict) -> GatesContract:
     h, c, s = data["halt"], data["curriculum"], data["scenarios"]
     b = h["bounds"]
-    halt = HaltGate(CalibrationSet(**h["calibration_set"]), h["threshold"], h["tolerance_tokens"], _bound(b["auc"]), _bound(b["ece"]),
-                    _bound(b["early_stop_rate"]), _bound(b["length_ratio"]))
+    halt = HaltGate(CalibrationSet(**h["calibration_set"]), h["threshold"], h["tolerance_tokens"], Bound.of(b["auc"]), Bound.of(b["ece"]),
+                    Bound.of(b["early_stop_rate"]), Bound.of(b["length_ratio"]))
     bounds = {scenario: {metric: ScenarioBound(**bound) for metric, bound in metrics.items()} for scenario, metrics in s["bounds"].items()}
     scenarios = ScenarioGate(s["cases_per_scenario"], s["seed"], s["max_new_tokens"], s["max_rounds"], s["halt_tolerance"], bounds)
     return GatesContract(path, halt, CurriculumGate(c["max_length_drop"], c["max_early_halt"]), scenarios)

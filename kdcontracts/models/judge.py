@@ -108,10 +108,8 @@ def _known_unfit(data: dict, problems: list[Problem]) -> dict[str, KnownUnfit]:
 def parse(path: Path, data: dict) -> JudgeContract:
     bounds, problems = {}, []
     for name in METRICS:
-        raw = data["bounds"][name]
-        bounds[name] = Bound(raw.get("min"), raw.get("max"))
-        if raw.get("min") is not None and raw.get("max") is not None and raw["min"] > raw["max"]:
-            problems.append(Problem(f"bounds.{name}", "min <= max", f"min {raw['min']} > max {raw['max']}"))
+        bounds[name] = Bound.of(data["bounds"][name])
+        problems += bounds[name].problems(f"bounds.{name}")
     known_unfit = _known_unfit(data, problems)
     if problems:
         raise ContractFileError(str(path), problems)

@@ -149,12 +149,8 @@ class SpeculativeContract:
                           f"largest rejection margin {margin}")]
 
 
-def _bound(data: Mapping) -> Bound:
-    return Bound(data.get("min"), data.get("max"))
-
-
 def _bounds(data: Mapping) -> PairBounds:
-    return PairBounds(*(_bound(data[key]) for key in ("acceptance_rate", "mean_accepted_length", "segment_accepted_fraction")))
+    return PairBounds(*(Bound.of(data[key]) for key in ("acceptance_rate", "mean_accepted_length", "segment_accepted_fraction")))
 
 
 def _pair_problems(i: int, p: dict, segment: int | None) -> list[Problem]:
@@ -169,8 +165,7 @@ def _pair_problems(i: int, p: dict, segment: int | None) -> list[Problem]:
         problems.append(Problem(f"{where}.bounds", "acceptance_rate, mean_accepted_length and segment_accepted_fraction "
                                 "(only a self pair, its worker the drafter's own package, may omit them)", "none"))
     for key, bound in p.get("bounds", {}).items():
-        if bound.get("min") is not None and bound.get("max") is not None and bound["min"] > bound["max"]:
-            problems.append(Problem(f"{where}.bounds.{key}", "min <= max", repr(bound)))
+        problems += Bound.of(bound).problems(f"{where}.bounds.{key}")
     return problems
 
 
