@@ -332,6 +332,11 @@ class Workspace:
     def run(self, *args: str) -> pytest.RunResult:
         return self.pytester.runpytest_inprocess("--kd-contracts", str(self.contracts), "-p", "no:cacheprovider", *args)
 
+    def run_family(self, marker: str, *args: str) -> tuple[pytest.RunResult, set[str]]:
+        """One contract family's items (``-m marker``), every outcome reported: the run and its failed items."""
+        result = self.run("-m", marker, "-rA", *args)
+        return result, self.failed(result)
+
 
 @pytest.fixture
 def workspace(pytester: pytest.Pytester, test_contracts: Path, reference_artifacts: Path) -> Workspace:

@@ -20,13 +20,8 @@ from kdtrain.train.config import DistillConfig
 HALT_ITEMS = {"halt_auc", "halt_ece", "halt_early_stop", "halt_length"}
 
 
-def _gate_items(workspace, *args):
-    result = workspace.run("-m", "gates", "-rA", *args)
-    return result, workspace.failed(result)
-
-
 def test_every_gate_item_passes_on_the_reference_artifacts(workspace):
-    result, failed = _gate_items(workspace)
+    result, failed = workspace.run_family("gates")
     assert failed == set() and result.ret == 0, result.stdout.str()
     out = result.stdout.str()
     for item in ("held_out", *sorted(HALT_ITEMS), "curriculum", "scenario[tool_chain-chain_complete]", "verdict"):
@@ -74,7 +69,7 @@ def _inverted(head):
 ], ids=["always-fires", "never-fires", "inverted"])
 def test_a_planted_halt_head_fails_its_item(workspace, change, failing):
     _plant_halt_head(workspace, change)
-    _, failed = _gate_items(workspace, "-k", "halt_ and not scenario")  # the scenario records name the student replaced
+    _, failed = workspace.run_family("gates", "-k", "halt_ and not scenario")  # the scenario records name the student replaced
     assert failed == failing
 
 
@@ -84,7 +79,7 @@ def test_a_stage_whose_answers_collapse_fails_curriculum(workspace):
         last["length"]["ratio"] = round(first["length"]["ratio"] * 0.3, 6)  # a 70% fall from the first stage
 
     workspace.edit_json(DISTILL_CURRICULUM.path, collapse)
-    result, failed = _gate_items(workspace, "-k", "curriculum")
+    result, failed = workspace.run_family("gates", "-k", "curriculum")
     assert failed == {"curriculum"}
     assert "length fall <= 40%" in result.stdout.str()
 
@@ -135,12 +130,12 @@ def test_a_student_writing_invalid_tool_json_fails_the_tool_items(workspace):
 
     evaluate_on_scenarios(folder, contract, {"teacher": _Scripted(cases, "teacher", tokenizer),
                                              "student": _Scripted(cases, "student", tokenizer)}, registry)
-    _, failed = _gate_items(workspace, "-k", "scenario")
+    _, failed = workspace.run_family("gates", "-k", "scenario")
     assert failed == set()
 
     evaluate_on_scenarios(folder, contract, {"teacher": _Scripted(cases, "teacher", tokenizer),
                                              "student": _Scripted(cases, "student", tokenizer, broken=True)}, registry)
-    _, failed = _gate_items(workspace, "-k", "scenario")
+    _, failed = workspace.run_family("gates", "-k", "scenario")
     assert {"scenario[tool_chain-tool_call_valid]", "scenario[tool_chain-chain_complete]"} <= failed
     assert not any(item.startswith(("scenario[plain", "scenario[long_reasoning")) for item in failed)
 
@@ -150,7 +145,7 @@ def test_a_verdict_for_another_configuration_fails_and_the_trainer_refuses_it(wo
         verdict["binding"]["config"] = "sha256:" + "0" * 64
 
     workspace.edit_json(GATES_VERDICT.path, other_config)
-    result, failed = _gate_items(workspace, "-k", "verdict")
+    result, failed = workspace.run_family("gates", "-k", "verdict")
     assert failed == {"verdict"}
     assert "another configuration" in result.stdout.str()
 

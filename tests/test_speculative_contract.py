@@ -27,13 +27,8 @@ TEACHER_PAIR, SELF_PAIR = "student->teacher", "student->student"
 LENGTHS = (64, 128)  # the test contracts' speculative lengths (tests/conftest.py), one prompt each
 
 
-def _items(workspace, *args):
-    result = workspace.run("-m", "speculative", "-rA", *args)
-    return result, workspace.failed(result)
-
-
 def test_every_speculative_item_passes_on_the_reference_artifacts(workspace):
-    result, failed = _items(workspace)
+    result, failed = workspace.run_family("speculative")
     assert failed == set() and result.ret == 0, result.stdout.str()
     out, package = result.stdout.str(), backend_name()
     for backend in (package, "torch"):
@@ -107,7 +102,7 @@ def test_each_planted_fault_fails_its_own_item(workspace, monkeypatch):
         monkeypatch.setattr(Sides, role, planted)
     run_pipeline(workspace.artifacts, ["speculative"], workspace.contracts, REPO / "configs/distill_reference.yaml")
 
-    result, failed = _items(workspace)
+    result, failed = workspace.run_family("speculative")
     assert failed == {f"{item}[{name}-torch]" if item != "exact" else f"exact[{name}-{length}-torch]"
                       for name, (*_, items) in FAULTS.items() for item in items for length in LENGTHS}
     result.stdout.fnmatch_lines([
@@ -143,7 +138,7 @@ def test_a_divergence_at_a_tie_fails_without_an_allowance_and_passes_within_one(
     for allowance, failed_items, line in ((0.0, {f"exact[{SELF_PAIR}-64-{package}]"}, "*or a tie (its margin < 0)*"),
                                           (0.125, set(), "*1 left it at a tie (worker's margin 0 < 0.125)*")):
         tolerate(allowance)
-        result, failed = _items(workspace, "-k", "exact")  # -k cannot spell "->"
+        result, failed = workspace.run_family("speculative", "-k", "exact")  # -k cannot spell "->"
         assert failed == failed_items
         result.stdout.fnmatch_lines([line])
 
@@ -154,7 +149,7 @@ def test_a_report_of_other_packages_or_settings_fails_as_stale(workspace):
         run["inputs"]["student.distilled"] = "sha256:" + "0" * 64
 
     workspace.edit_json(SPECULATIVE_REPORT.path, other_student)
-    result, failed = _items(workspace, "-k", "torch")
+    result, failed = workspace.run_family("speculative", "-k", "torch")
     assert failed == {f"exact[{SELF_PAIR}-64-torch]", f"self[{SELF_PAIR}-torch]"}  # the pool fails with its stale run
     result.stdout.fnmatch_lines(["*expected: a measurement of this folder's artifacts",
                                  "*found:    {'student.distilled': 'recorded sha256:0000*, now sha256:*'}",
@@ -164,7 +159,7 @@ def test_a_report_of_other_packages_or_settings_fails_as_stale(workspace):
     contract = yaml.safe_load(path.read_text())
     contract["prompts"]["max_new_tokens"] += 1
     path.write_text(yaml.safe_dump(contract, sort_keys=False))
-    _, failed = _items(workspace, "-k", "acceptance")
+    _, failed = workspace.run_family("speculative", "-k", "acceptance")
     assert failed == {f"acceptance[{TEACHER_PAIR}-{backend_name()}]"}
 
 
