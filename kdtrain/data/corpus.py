@@ -18,10 +18,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
 from kdcontracts.models.tokens import Message
-from kdtrain import atomic
+from kdtrain.data import store
 from kdtrain.errors import DataError, located
 
 CORPUS_JSONL = "corpus.jsonl"
@@ -76,20 +76,6 @@ class CorpusInfo(BaseModel):
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
 
 
-def _pydantic_problem(file: Path, where: str, error: ValidationError) -> DataError:
-    item = error.errors()[0]
-    key = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in item["loc"]).lstrip(".")
-    expected = item["msg"][0].lower() + item["msg"][1:]
-    return DataError(located(file, f"{where}{key or '(top level)'}", expected, repr(item.get("input"))))
-
-
-def _read_json(file: Path, where: str, text: str) -> object:
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise DataError(located(file, where.rstrip(", ") or None, "valid JSON", f"{exc.msg} at column {exc.colno}")) from None
-
-
 @dataclass(frozen=True)
 class Corpus:
     samples: tuple[Sample, ...]
@@ -111,45 +97,17 @@ class Corpus:
 
     def save(self, folder: Path | str) -> Path:
         """Write both files into a fresh folder swapped in whole: a reader never sees half a corpus."""
-        folder = Path(folder)
-        with atomic.directory(folder) as tmp:
-            atomic.write_bytes(tmp / CORPUS_JSONL, self.jsonl())
-            atomic.write_json(tmp / CORPUS_JSON, self.info().model_dump(mode="json"))
-        return folder
+        return store.save(folder, CORPUS_JSONL, self.jsonl(), CORPUS_JSON, self.info())
 
     @classmethod
     def load(cls, folder: Path | str) -> "Corpus":
-        """Read and verify a corpus folder; a DataError names the file, line and key of any fault."""
+        """Read and verify a corpus folder; a DataError names the file, line and key of any fault.
+        The lines are read before the checksum is checked: a hand-edited line is reported where it is."""
         folder = Path(folder)
-        meta_file, lines_file = folder / CORPUS_JSON, folder / CORPUS_JSONL
-        for file in (meta_file, lines_file):
-            if not file.is_file():
-                raise DataError(located(file, None, f"a corpus folder ({CORPUS_JSON} + {CORPUS_JSONL})", "no such file"))
-        try:
-            info = CorpusInfo.model_validate(_read_json(meta_file, "", meta_file.read_text(encoding="utf-8")))
-        except ValidationError as exc:
-            raise _pydantic_problem(meta_file, "", exc) from None
-        data = lines_file.read_bytes()
-        samples, seen = [], {}
-        for number, raw in enumerate(data.splitlines(), start=1):
-            where = f"line {number}, "
-            try:
-                text = raw.decode("utf-8")
-            except UnicodeDecodeError as exc:
-                raise DataError(located(lines_file, f"line {number}", "UTF-8 text", f"undecodable byte at column {exc.start + 1}")) from None
-            try:
-                sample = Sample.model_validate(_read_json(lines_file, where, text))
-            except ValidationError as exc:
-                raise _pydantic_problem(lines_file, where, exc) from None
-            if sample.id in seen:
-                raise DataError(located(lines_file, f"{where}id", f"a sample id not used before (also at line {seen[sample.id]})", repr(sample.id)))
-            seen[sample.id] = number
-            samples.append(sample)
-        if len(samples) != info.samples:
-            raise DataError(located(meta_file, "samples", f"the number of lines of {CORPUS_JSONL} ({len(samples)})", info.samples))
-        found = hashlib.sha256(data).hexdigest()
-        if found != info.sha256:
-            raise DataError(located(lines_file, None, f"sha256 {info.sha256} (as {CORPUS_JSON} records)", f"sha256 {found}: the file changed after it was written"))
+        info, data = store.read_info(folder, CORPUS_JSON, CORPUS_JSONL, CorpusInfo, "a corpus folder")
+        samples = [sample for _, sample in store.records(folder / CORPUS_JSONL, data, Sample.model_validate, "a sample id")]
+        store.check_count(folder / CORPUS_JSON, "samples", CORPUS_JSONL, len(samples), info.samples)
+        store.check_sha256(folder / CORPUS_JSONL, data, info.sha256, CORPUS_JSON)
         return cls(tuple(samples), info.tool_schema_version, info.orchestrator_version, info.seed, info.dataset_version)
 
 

@@ -32,11 +32,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Sequence
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
 from kdcontracts.models.tokens import Message
-from kdtrain import atomic
-from kdtrain.data.corpus import SCENARIOS, Corpus, Scenario, _pydantic_problem, _read_json, example_hash
+from kdtrain.data import store
+from kdtrain.data.corpus import SCENARIOS, Corpus, Scenario, example_hash
 from kdtrain.errors import DataError, located
 
 HALT_SET_JSONL = "halt_set.jsonl"
@@ -138,50 +138,21 @@ class HaltSet:
 
     def save(self, folder: Path | str) -> Path:
         """Both files in a fresh folder swapped in whole."""
-        folder = Path(folder)
-        with atomic.directory(folder) as tmp:
-            atomic.write_bytes(tmp / HALT_SET_JSONL, self.jsonl())
-            atomic.write_json(tmp / HALT_SET_JSON, self.info().model_dump(mode="json"))
-        return folder
+        return store.save(folder, HALT_SET_JSONL, self.jsonl(), HALT_SET_JSON, self.info())
 
     @classmethod
     def load(cls, folder: Path | str) -> "HaltSet":
         """Read and verify a halt-set folder; a DataError names the file, key, expected and found."""
         folder = Path(folder)
-        meta_file, lines_file = folder / HALT_SET_JSON, folder / HALT_SET_JSONL
-        for file in (meta_file, lines_file):
-            if not file.is_file():
-                raise DataError(located(file, None, f"a halt-set folder ({HALT_SET_JSON} + {HALT_SET_JSONL})", "no such file"))
-        try:
-            info = HaltSetInfo.model_validate(_read_json(meta_file, "", meta_file.read_text(encoding="utf-8")))
-        except ValidationError as exc:
-            raise _pydantic_problem(meta_file, "", exc) from None
-        data = lines_file.read_bytes()
-        found = hashlib.sha256(data).hexdigest()
-        if found != info.sha256:
-            raise DataError(located(lines_file, None, f"sha256 {info.sha256} (as {HALT_SET_JSON} records)",
-                                    f"sha256 {found}: the file changed after it was written"))
-        try:
-            text = data.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            raise DataError(located(lines_file, None, "UTF-8 text", f"an undecodable byte at offset {exc.start}")) from None
-        examples, seen = [], {}
-        for number, raw in enumerate(text.splitlines(), start=1):
-            where = f"line {number}, "
-            try:
-                example = HaltExample.model_validate(_read_json(lines_file, where, raw))
-            except ValidationError as exc:
-                raise _pydantic_problem(lines_file, where, exc) from None
-            if example.id in seen:
-                raise DataError(located(lines_file, f"{where}id", f"an id not used before (also at line {seen[example.id]})",
-                                        repr(example.id)))
+        info, data = store.read_info(folder, HALT_SET_JSON, HALT_SET_JSONL, HaltSetInfo, "a halt-set folder")
+        store.check_sha256(folder / HALT_SET_JSONL, data, info.sha256, HALT_SET_JSON)
+        examples = []
+        for where, example in store.records(folder / HALT_SET_JSONL, data, HaltExample.model_validate):
             if example.sha256 != example_hash(example.conversation()):
-                raise DataError(located(lines_file, f"{where}sha256", f"{example_hash(example.conversation())} (the hash of its messages "
-                                        "and completion)", example.sha256))
-            seen[example.id] = number
+                raise DataError(located(folder / HALT_SET_JSONL, f"{where}sha256", f"{example_hash(example.conversation())} (the hash "
+                                        "of its messages and completion)", example.sha256))
             examples.append(example)
-        if len(examples) != info.examples:
-            raise DataError(located(meta_file, "examples", f"the number of lines of {HALT_SET_JSONL} ({len(examples)})", info.examples))
+        store.check_count(folder / HALT_SET_JSON, "examples", HALT_SET_JSONL, len(examples), info.examples)
         return cls(tuple(examples), info.seed, info.bases_per_scenario, info.scenarios, info.training_sha256, info.training_hashes_checked)
 
 

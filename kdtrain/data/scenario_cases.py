@@ -37,13 +37,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
 from kdcontracts.models.tokens import Message
-from kdtrain import atomic
+from kdtrain.data import store
 from kdtrain.data.calls import CODE_TOOL, find_blocks
-from kdtrain.data.corpus import Corpus, _pydantic_problem, _read_json
-from kdtrain.data.corpus import example_hash
+from kdtrain.data.corpus import Corpus, example_hash
 from kdtrain.errors import DataError, located
 
 CASES_JSONL = "cases.jsonl"
@@ -179,45 +178,21 @@ class ScenarioCases:
 
     def save(self, folder: Path | str) -> Path:
         """Both files in a fresh folder swapped in whole."""
-        folder = Path(folder)
-        with atomic.directory(folder) as tmp:
-            atomic.write_bytes(tmp / CASES_JSONL, self.jsonl())
-            atomic.write_json(tmp / CASES_JSON, self.info().model_dump(mode="json"))
-        return folder
+        return store.save(folder, CASES_JSONL, self.jsonl(), CASES_JSON, self.info())
 
     @classmethod
     def load(cls, folder: Path | str) -> "ScenarioCases":
         """Read and verify a cases folder; a DataError names the file, key, expected and found."""
         folder = Path(folder)
-        meta_file, lines_file = folder / CASES_JSON, folder / CASES_JSONL
-        for file in (meta_file, lines_file):
-            if not file.is_file():
-                raise DataError(located(file, None, f"a scenario-cases folder ({CASES_JSON} + {CASES_JSONL})", "no such file"))
-        try:
-            info = ScenarioCasesInfo.model_validate(_read_json(meta_file, "", meta_file.read_text(encoding="utf-8")))
-        except ValidationError as exc:
-            raise _pydantic_problem(meta_file, "", exc) from None
-        data = lines_file.read_bytes()
-        found = hashlib.sha256(data).hexdigest()
-        if found != info.sha256:
-            raise DataError(located(lines_file, None, f"sha256 {info.sha256} (as {CASES_JSON} records)",
-                                    f"sha256 {found}: the file changed after it was written"))
-        cases, seen = [], {}
-        for number, raw in enumerate(data.decode("utf-8").splitlines(), start=1):
-            where = f"line {number}, "
-            try:
-                case = ScenarioCase.model_validate(_read_json(lines_file, where, raw))
-            except ValidationError as exc:
-                raise _pydantic_problem(lines_file, where, exc) from None
-            if case.id in seen:
-                raise DataError(located(lines_file, f"{where}id", f"an id not used before (also at line {seen[case.id]})", repr(case.id)))
+        info, data = store.read_info(folder, CASES_JSON, CASES_JSONL, ScenarioCasesInfo, "a scenario-cases folder")
+        store.check_sha256(folder / CASES_JSONL, data, info.sha256, CASES_JSON)
+        cases = []
+        for where, case in store.records(folder / CASES_JSONL, data, ScenarioCase.model_validate):
             if case.sha256 != example_hash(case.conversation()):
-                raise DataError(located(lines_file, f"{where}sha256", f"{example_hash(case.conversation())} (the hash of its "
-                                        "messages and reference)", case.sha256))
-            seen[case.id] = number
+                raise DataError(located(folder / CASES_JSONL, f"{where}sha256", f"{example_hash(case.conversation())} (the hash of "
+                                        "its messages and reference)", case.sha256))
             cases.append(case)
-        if len(cases) != info.cases:
-            raise DataError(located(meta_file, "cases", f"the number of lines of {CASES_JSONL} ({len(cases)})", info.cases))
+        store.check_count(folder / CASES_JSON, "cases", CASES_JSONL, len(cases), info.cases)
         return cls(tuple(cases), info.seed, info.cases_per_scenario, info.scenarios, info.training_sha256,
                    info.training_hashes_checked)
 

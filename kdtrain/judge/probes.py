@@ -25,9 +25,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from kdtrain import atomic
+from kdtrain.data import store
 from kdtrain.errors import DataError, located
 
 PROBES_JSONL = "probes.jsonl"
@@ -138,42 +138,15 @@ class ProbeSet:
 
     def save(self, folder: Path | str) -> Path:
         """Both files in a fresh folder swapped in whole."""
-        folder = Path(folder)
-        with atomic.directory(folder) as tmp:
-            atomic.write_bytes(tmp / PROBES_JSONL, self.jsonl())
-            atomic.write_json(tmp / PROBES_JSON, self.info().model_dump(mode="json"))
-        return folder
+        return store.save(folder, PROBES_JSONL, self.jsonl(), PROBES_JSON, self.info())
 
     @classmethod
     def load(cls, folder: Path | str) -> "ProbeSet":
         """Read and verify a probe-set folder; a DataError names the file, key, expected and found."""
-        from kdtrain.data.corpus import _pydantic_problem, _read_json
-
         folder = Path(folder)
-        meta_file, lines_file = folder / PROBES_JSON, folder / PROBES_JSONL
-        for file in (meta_file, lines_file):
-            if not file.is_file():
-                raise DataError(located(file, None, f"a judge probe-set folder ({PROBES_JSON} + {PROBES_JSONL})", "no such file"))
-        try:
-            info = ProbeSetInfo.model_validate(_read_json(meta_file, "", meta_file.read_text(encoding="utf-8")))
-        except ValidationError as exc:
-            raise _pydantic_problem(meta_file, "", exc) from None
-        data = lines_file.read_bytes()
-        found = hashlib.sha256(data).hexdigest()
-        if found != info.sha256:
-            raise DataError(located(lines_file, None, f"sha256 {info.sha256} (as {PROBES_JSON} records)",
-                                    f"sha256 {found}: the file changed after it was written"))
-        probes, seen = [], {}
-        for number, raw in enumerate(data.decode("utf-8").splitlines(), start=1):
-            where = f"line {number}, "
-            try:
-                probe = _Line.model_validate({"probe": _read_json(lines_file, where, raw)}).probe
-            except ValidationError as exc:
-                raise _pydantic_problem(lines_file, where, exc) from None
-            if probe.id in seen:
-                raise DataError(located(lines_file, f"{where}id", f"an id not used before (also at line {seen[probe.id]})", repr(probe.id)))
-            seen[probe.id] = number
-            probes.append(probe)
+        info, data = store.read_info(folder, PROBES_JSON, PROBES_JSONL, ProbeSetInfo, "a judge probe-set folder")
+        store.check_sha256(folder / PROBES_JSONL, data, info.sha256, PROBES_JSON)
+        probes = [probe for _, probe in store.records(folder / PROBES_JSONL, data, lambda raw: _Line.model_validate({"probe": raw}).probe)]
         return cls(tuple(p for p in probes if isinstance(p, PairProbe)), tuple(p for p in probes if isinstance(p, GradedProbe)),
                    info.seed, info.pairs_per_kind, info.graded_tasks, info.training_sha256)
 
