@@ -14,7 +14,6 @@ import numpy as np
 import pytest
 import torch
 
-from kdcontracts.families import family_for
 from kdtrain.artifact_table import DATA_CORPUS, TEACHER_CACHE
 from kdtrain.artifacts import ArtifactsFolder
 from kdtrain.data.calls import CODE_TOOL

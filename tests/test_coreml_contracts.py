@@ -92,7 +92,6 @@ def test_a_package_without_verify_fails_every_item_that_needs_it_naming_it(works
 
 def test_a_host_on_a_package_without_verify_names_the_package_and_the_function(workspace):
     """What a speculative decoder meets on a host API 1.0 package, on either runtime."""
-    import numpy as np
 
     from kdtrain.errors import ArtifactError
     from kdtrain.runtime.backend import CoreMLSession, MILSession

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from conftest import _link_unless_appendable, distill_config_data
-from kdtrain.artifact_table import DATA_CORPUS, DATA_HALT_SET
+from kdtrain.artifact_table import DATA_HALT_SET
 from kdtrain.artifacts import ArtifactsFolder
 from kdtrain.gates.halt import HaltRecord
 from kdtrain.train.checkpoint import capture_rng

@@ -25,7 +25,7 @@ from kdtrain.artifacts import ArtifactsFolder
 from kdtrain.data.corpus import Corpus
 from kdtrain.data.chat import ChatFormat
 from kdtrain.data.targets import DistillExample, TeacherTargets, as_teacher_forced
-from kdtrain.errors import ConfigError, DataError, located
+from kdtrain.errors import DataError, located
 from kdtrain.losses import DistillBatch, collate_distill
 from kdtrain.teacher.cache import TeacherCache
 from kdtrain.teacher.fill import build_request
