@@ -17,6 +17,7 @@ It times things, so it is a script, never a test; it exits 1 when any compared r
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import subprocess
 import sys
@@ -48,9 +49,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("-k", dest="keyword", default=None, help="pytest -k: a subset of the cases, e.g. 512")
     args = parser.parse_args(argv)
     rule = _rule(args.contracts)
-    with tempfile.TemporaryDirectory(prefix="bench-gate-") as storage:
-        if args.keep:
-            storage = str(args.keep.resolve())
+    with contextlib.ExitStack() as stack:
+        storage = str(args.keep.resolve()) if args.keep else stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-gate-"))
         command = [sys.executable, "-m", "pytest", str(ROOT / "benchmarks" / "test_runtime_speed.py"), "-q", "-p", "no:cacheprovider",
                    "--kd-contracts", str(args.contracts), "--kd-artifacts", str(args.artifacts),
                    f"--benchmark-storage=file://{storage}", "--benchmark-autosave", *(["-k", args.keyword] if args.keyword else [])]

@@ -288,9 +288,10 @@ def _timed_rounds(benchmark, target: Callable, start: Callable, protocol) -> lis
     return seconds[protocol.warmup_rounds:]
 
 
-def _clock_info() -> dict:
-    """The gate's clock, and the reference workload's mean seconds (its unit) where it counts in them."""
-    units = CLOCK.units
+def _clock_info(protocol) -> dict:
+    """The gate's clock, and the reference workload's mean seconds (its unit) over the timed
+    rounds where it counts in them (the warm-up rounds calibrate too, but are not saved)."""
+    units = CLOCK.units[protocol.warmup_rounds:]
     return {"clock": "machine" if CLOCK.machine else "wall", "workload_s": sum(units) / len(units) if units else None}
 
 
@@ -300,7 +301,7 @@ def test_ttft(benchmark, run: Run, speed_table: SpeedTable):
     CLOCK.units.clear()
     seconds = _timed_rounds(benchmark, speed.first_token, lambda: ((run.host, run.prompt), {}), p)
     mean = _mean_seconds(benchmark, seconds)
-    benchmark.extra_info.update({**run.info(), **_clock_info()}, ttft_ms=mean and mean * 1e3)
+    benchmark.extra_info.update({**run.info(), **_clock_info(p)}, ttft_ms=mean and mean * 1e3)
     speed_table.record(run.case, ttft=mean, peak=run.peak_bytes)
 
 
@@ -316,5 +317,5 @@ def test_decode(benchmark, run: Run, speed_table: SpeedTable):
     seconds = _timed_rounds(benchmark, speed.greedy, start, p)
     mean = _mean_seconds(benchmark, seconds)
     rate = p.decode_steps / mean if mean else None
-    benchmark.extra_info.update({**run.info(), **_clock_info()}, tokens_per_s=rate)
+    benchmark.extra_info.update({**run.info(), **_clock_info(p)}, tokens_per_s=rate)
     speed_table.record(run.case, decode=rate, peak=run.peak_bytes)
