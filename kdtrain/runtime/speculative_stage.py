@@ -1,15 +1,16 @@
 """Pipeline stage ``speculative``: decode held-out prompts with each drafter/worker pair of
 ``speculative.yaml`` and record every token.
 
-The contract deals its held-out prompts over its lengths, so each run (pair x length x backend)
-decodes its share. For every run and prompt, ``speculative/report.json`` keeps the
+The contract deals its held-out prompts over its lengths, so each run (pair x length x
+backend) decodes its share. For every run and prompt, ``speculative/report.json`` keeps the
 worker's plain greedy tokens and the speculative decoding's, with every verification (drafted,
 accepted, why the segment ended), and binds the run to what it measured: the SHA-256 of the
 packages (or of the exported student, on torch), the tokenizers and the held-out cases, the
 teacher's version, the contract's settings. ``speculative/acceptance.png`` plots per-position
-acceptance and the segment lengths of each pair and backend over every length. The plugin recomputes every figure from these records with
-the contract's current bounds, and fails a run another build or other settings made. A
-project without ``speculative.yaml`` has nothing to measure: the stage logs so and writes nothing.
+acceptance and the segment lengths of each pair and backend over every length. The plugin
+recomputes every figure from these records with the contract's current bounds, and fails a run
+another build or other settings made. A project without ``speculative.yaml`` has nothing to
+measure: the stage logs so and writes nothing.
 
 The worker's plain decoding is what speculation must equal, so it is measured here too; the
 teacher's does not depend on the drafter's length or backend and is decoded once per prompt.
