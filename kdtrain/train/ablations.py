@@ -50,13 +50,13 @@ def _evaluate(distiller, protocol: Protocol) -> dict:
     import torch
 
     from kdtrain.data.chat import ChatFormat
-    from kdtrain.losses import LOSSES, StudentOutputs
+    from kdtrain.losses import LOSSES, student_outputs
     from kdtrain.teacher.base import prompt_messages
 
     model = distiller.trainee.eval()
     data = distiller.data
     batch = data.batch(list(range(len(data))))
-    out = StudentOutputs(*model(batch.input_ids, batch.attention_mask))
+    out = student_outputs(model.student, batch.input_ids, batch.attention_mask, model.projection)
     metrics = {name: float(LOSSES[name](batch, out, distiller.loss_config)) for name in METRICS}
     predicted = out.logits.argmax(-1)
     names = batch.tool_name_mask

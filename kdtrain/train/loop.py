@@ -38,7 +38,8 @@ from tqdm import tqdm
 from kdtrain import atomic
 from kdtrain.artifacts import ArtifactsFolder
 from kdtrain.errors import ConfigError, located
-from kdtrain.losses import DistillBatch, HiddenProjection, LossConfig, StudentOutputs, eligible_fraction, student_outputs, weighted_sum
+from kdtrain.losses import (DistillBatch, HiddenProjection, LossConfig, WeightedLoss, eligible_fraction, student_outputs,
+                            weighted_sum)
 from kdtrain.student.model import StudentLM
 from kdtrain.train.balance import BalanceError, BalanceMonitor, DominanceAlert, measure
 from kdtrain.train.checkpoint import (DataPosition, Spent, TrainState, capture_rng, check_resume, load_latest, restore_rng,
@@ -62,10 +63,15 @@ class Trainee(nn.Module):
         super().__init__()
         self.student, self.projection = student, projection
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple:
-        """StudentOutputs' fields as a tuple: DDP finds the tensors (and the unused parameters) in it."""
-        out = student_outputs(self.student, input_ids, attention_mask, self.projection)
-        return out.logits, out.hidden, out.halt, out.layers
+    def forward(self, batch: DistillBatch, weights: dict[str, float], cfg: LossConfig) -> WeightedLoss:
+        """The weighted loss terms of one batch, computed inside the forward.
+
+        DDP and FSDP see every parameter the loss uses during this call (an untied LM head is
+        read by the losses, not by the backbone), and the losses read the head lazily
+        (:class:`kdtrain.losses.StudentOutputs`): the whole ``[tokens, vocab]`` logits are
+        never held in full precision."""
+        out = student_outputs(self.student, batch.input_ids, batch.attention_mask, self.projection)
+        return weighted_sum(batch, out, cfg, weights)
 
 
 @dataclass
@@ -249,7 +255,7 @@ class Distiller:
         if "intermediate" in weights:
             batch = self._teacher_hidden(batch, [self.data.examples[i].request.text for i in indices])
         optimizer.zero_grad(set_to_none=True)
-        loss = weighted_sum(batch, StudentOutputs(*model(batch.input_ids, batch.attention_mask)), self.loss_config, weights)
+        loss = model(batch, weights, self.loss_config)
         norms = None
         params = [p for p in model.parameters() if p.requires_grad]
         if measure_norms:
