@@ -159,6 +159,21 @@ class Backbone(nn.Module):
         self.embed_tokens = nn.Embedding(c.vocab_size, c.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(c) for _ in range(c.num_hidden_layers))
         self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.config = c
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Final hidden state [B, T, H] after the norm (what the LM and halt heads read) for ids [B, T]."""
+        t = input_ids.shape[1]
+        cos, sin = rope_tables(self.config, t)
+        pos = torch.arange(t, dtype=torch.int32)
+        allowed = (pos[None, :] <= pos[:, None])[None]  # [1, T, T]
+        if attention_mask is not None:
+            allowed = torch.logical_and(allowed, attention_mask[:, None, :] > 0)  # [B, T, T]
+        mask = torch.where(allowed, 0.0, MASK_MIN)[:, None]  # [B, 1, T, T]
+        h = self.embed_tokens(input_ids)
+        for layer in self.layers:
+            h = layer(h, cos, sin, mask)[0]
+        return self.norm(h)
 
 
 class StudentLM(nn.Module):
@@ -180,17 +195,7 @@ class StudentLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Logits [B, T, V] for ids [B, T]; right or left padding both handled by the mask."""
-        b, t = input_ids.shape
-        cos, sin = rope_tables(self.config, t)
-        pos = torch.arange(t, dtype=torch.int32)
-        allowed = (pos[None, :] <= pos[:, None])[None]  # [1, T, T]
-        if attention_mask is not None:
-            allowed = torch.logical_and(allowed, attention_mask[:, None, :] > 0)  # [B, T, T]
-        mask = torch.where(allowed, 0.0, MASK_MIN)[:, None]  # [B, 1, T, T]
-        h = self.model.embed_tokens(input_ids)
-        for layer in self.model.layers:
-            h = layer(h, cos, sin, mask)[0]
-        return self.lm_head(self.model.norm(h))
+        return self.lm_head(self.model(input_ids, attention_mask))
 
     def halt_probability(self, hidden: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(self.halt_head(hidden)).squeeze(-1)
