@@ -14,6 +14,7 @@ from kdtrain.losses import LOSSES, DistillBatch, HiddenProjection, LossConfig, S
 from kdtrain.losses.ce import masked_ce, supervised_ce
 from kdtrain.losses.code_mode import code_mode_loss, code_mode_mask, eligible_fraction
 from kdtrain.losses.early_tool import early_tool_loss
+from kdtrain.losses.head import ChunkedHead, DenseHead
 from kdtrain.losses.halt import halt_loss
 from kdtrain.losses.intermediate import gather_teacher_hidden, intermediate_loss
 from kdtrain.losses.kl import full_kl, topk_kl
@@ -516,7 +517,7 @@ def test_teacher_hidden_is_gathered_at_student_tokens_with_the_same_span():
 
 def test_intermediate_term_without_teacher_hidden_states_is_refused():
     batch = synthetic_batch()
-    out = StudentOutputs(torch.zeros(2, 10, V), torch.zeros(2, 10, 6), torch.zeros(2, 10), layers=(torch.zeros(2, 10, 8),))
+    out = StudentOutputs(DenseHead(torch.zeros(2, 10, V)), torch.zeros(2, 10, 6), torch.zeros(2, 10), layers=(torch.zeros(2, 10, 8),))
     with pytest.raises(ValueError, match="expected as many teacher hidden states .* found 0"):
         LOSSES["intermediate"](batch, out, LossConfig())
 
@@ -530,7 +531,7 @@ def outputs(batch: DistillBatch, seed: int = 0) -> StudentOutputs:
     hidden = torch.from_numpy(rng.normal(size=(b, s, 6)).astype(np.float32))
     halt = torch.sigmoid(torch.from_numpy(rng.normal(size=(b, s)).astype(np.float32))).requires_grad_()
     layers = (torch.from_numpy(rng.normal(size=(b, s, 8)).astype(np.float32)).requires_grad_(),)
-    return StudentOutputs(logits, hidden, halt, layers)
+    return StudentOutputs(DenseHead(logits), hidden, halt, layers)
 
 
 def with_teacher_hidden(batch: DistillBatch) -> DistillBatch:
@@ -545,7 +546,7 @@ def test_every_registered_loss_is_a_positive_finite_scalar_that_backpropagates(n
     loss = LOSSES[name](batch, out, LossConfig(temperature=2.0))
     loss.backward()
     assert loss.shape == () and torch.isfinite(loss) and loss.item() > 0
-    grads = [t.grad for t in (out.logits, out.halt, out.layers[0]) if t.grad is not None]
+    grads = [t.grad for t in (out.head.logits, out.halt, out.layers[0]) if t.grad is not None]
     assert grads and all(torch.isfinite(g).all() for g in grads)
 
 
@@ -555,7 +556,7 @@ def test_each_tool_term_is_ce_on_its_own_mask(name, mask):
     batch = synthetic_batch()
     out = outputs(batch)
     LOSSES[name](batch, out, LossConfig()).backward()
-    touched = out.logits.grad.abs().sum(-1) > 0
+    touched = out.head.logits.grad.abs().sum(-1) > 0
     assert torch.equal(touched, getattr(batch, mask) & batch.supervised)
 
 
@@ -564,7 +565,7 @@ def test_each_tool_term_is_ce_on_its_own_mask(name, mask):
 def test_the_kl_term_follows_the_loss_config(cfg):
     batch = synthetic_batch()
     out = outputs(batch)
-    direct = topk_kl(out.logits, batch.teacher_ids, batch.teacher_logprobs, batch.kd_mask, cfg.temperature, cfg.kl_direction, cfg.rest_bucket)
+    direct = topk_kl(out.head.logits, batch.teacher_ids, batch.teacher_logprobs, batch.kd_mask, cfg.temperature, cfg.kl_direction, cfg.rest_bucket)
     assert LOSSES["kl"](batch, out, cfg).item() == pytest.approx(direct.item(), rel=1e-6)
     assert abs(direct.item() - LOSSES["kl"](batch, out, LossConfig()).item()) > 1e-3
 
@@ -605,8 +606,31 @@ def test_student_outputs_take_the_hidden_states_the_heads_read_in_one_pass():
     projection = HiddenProjection([(0, 1), (1, 3)], student_size=8, teacher_size=12)
     ids = torch.tensor([[3, 4, 5, 6, 1]])
     out = student_outputs(model, ids, torch.ones_like(ids), projection)
-    assert torch.equal(out.logits, model(ids, torch.ones_like(ids)))
-    assert torch.allclose(model.lm_head(out.hidden), out.logits, atol=1e-6)  # the final norm's output
+    assert torch.equal(out.head.full(), model(ids, torch.ones_like(ids)))
+    assert torch.allclose(model.lm_head(out.hidden), out.head.full(), atol=1e-6)  # the final norm's output
     assert torch.allclose(out.halt, model.halt_probability(out.hidden))
     assert [tuple(t.shape) for t in out.layers] == [(1, 5, 12), (1, 5, 12)]
     assert not model.model.norm._forward_hooks and not any(layer._forward_hooks for layer in model.model.layers)
+
+
+@pytest.mark.parametrize("tied", [True, False])
+@pytest.mark.parametrize("cfg", [LossConfig(temperature=2.0), LossConfig(kl_direction="reverse", rest_bucket=True)])
+@pytest.mark.parametrize("name", sorted(set(LOSSES) - {"intermediate"}))  # intermediate reads no head
+def test_every_loss_reads_the_students_chunked_head_as_it_reads_its_full_logits(name, cfg, tied):
+    torch.manual_seed(0)
+    model = StudentLM(dataclasses.replace(TINY, tie_word_embeddings=tied))
+    batch = synthetic_batch()
+    out = student_outputs(model, batch.input_ids, batch.attention_mask)
+    chunked = dataclasses.replace(out, head=ChunkedHead(out.hidden, model.lm_head.weight, chunk_tokens=3))  # 20 tokens
+    dense = dataclasses.replace(out, head=DenseHead(model.lm_head(out.hidden)))  # the [B, S, V] logits the losses read before
+    params = list(model.parameters())
+    results = []
+    for o in (chunked, dense):
+        loss = LOSSES[name](batch, o, cfg)
+        results.append((loss, torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)))
+    (loss, grads), (expected_loss, expected_grads) = results
+    assert loss.item() > 0 and loss.item() == pytest.approx(expected_loss.item(), rel=1e-5)
+    for g, e in zip(grads, expected_grads):
+        assert (g is None) == (e is None)
+        if e is not None:
+            torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-6)

@@ -2,8 +2,10 @@
 
 Every entry of ``LOSSES`` is ``loss(batch: DistillBatch, out: StudentOutputs, cfg: LossConfig)
 -> torch.Tensor`` (a scalar). The batch is built once by :func:`collate_distill`; the
-student's outputs once by :func:`student_outputs`; the trainer weights and sums the terms
-its config names (:func:`weighted_sum`), which is what the training loop calls.
+student's outputs once by :func:`student_outputs`, its LM head read lazily (a
+:class:`Head`: the losses ask for the log-normaliser and the logits at the ids they need);
+the trainer weights and sums the terms its config names (:func:`weighted_sum`), which is
+what the training loop calls.
 """
 
 from __future__ import annotations
@@ -18,12 +20,13 @@ from kdtrain.losses.ce import masked_ce, supervised_ce
 from kdtrain.losses.code_mode import BETA, code_mode_loss, code_mode_mask, eligible_fraction
 from kdtrain.losses.early_tool import DECAY, early_tool_loss
 from kdtrain.losses.halt import halt_loss
+from kdtrain.losses.head import ChunkedHead, DenseHead, Head
 from kdtrain.losses.intermediate import HiddenProjection, intermediate_loss
 from kdtrain.losses.kl import Direction, topk_kl
 from kdtrain.losses.length import EXCESS, HORIZON, length_loss
 from kdtrain.losses.outputs import StudentOutputs, student_outputs
 
-__all__ = ["LOSSES", "DistillBatch", "HiddenProjection", "LossConfig", "LossFn", "StudentOutputs", "WeightedLoss",
+__all__ = ["LOSSES", "ChunkedHead", "DenseHead", "DistillBatch", "Head", "HiddenProjection", "LossConfig", "LossFn", "StudentOutputs", "WeightedLoss",
            "code_mode_mask", "collate_distill", "eligible_fraction", "student_outputs", "weighted_sum"]
 
 
@@ -49,15 +52,15 @@ def _intermediate(batch: DistillBatch, out: StudentOutputs, cfg: LossConfig) -> 
 
 
 LOSSES: dict[str, LossFn] = {
-    "kl": lambda b, o, c: topk_kl(o.logits, b.teacher_ids, b.teacher_logprobs, b.kd_mask, c.temperature, c.kl_direction, c.rest_bucket),
-    "ce": lambda b, o, c: supervised_ce(o.logits, b.labels),
-    "tool_name": lambda b, o, c: masked_ce(o.logits, b.labels, b.tool_name_mask),
-    "tool_args": lambda b, o, c: masked_ce(o.logits, b.labels, b.tool_args_mask),
-    "tool_integration": lambda b, o, c: masked_ce(o.logits, b.labels, b.integration_mask),
-    "length": lambda b, o, c: length_loss(o.logits, b.eos_id, b.turn_starts, b.turn_ends, c.length_excess, c.length_horizon),
+    "kl": lambda b, o, c: topk_kl(o.head, b.teacher_ids, b.teacher_logprobs, b.kd_mask, c.temperature, c.kl_direction, c.rest_bucket),
+    "ce": lambda b, o, c: supervised_ce(o.head, b.labels),
+    "tool_name": lambda b, o, c: masked_ce(o.head, b.labels, b.tool_name_mask),
+    "tool_args": lambda b, o, c: masked_ce(o.head, b.labels, b.tool_args_mask),
+    "tool_integration": lambda b, o, c: masked_ce(o.head, b.labels, b.integration_mask),
+    "length": lambda b, o, c: length_loss(o.head, b.eos_id, b.turn_starts, b.turn_ends, c.length_excess, c.length_horizon),
     "halt": lambda b, o, c: halt_loss(o.halt, b.halt_targets, b.supervised),
-    "early_tool_call": lambda b, o, c: early_tool_loss(o.logits, b.call_id, b.turn_starts, b.call_positions, c.early_tool_decay),
-    "code_mode": lambda b, o, c: code_mode_loss(o.logits, b.eligible, b.decision_positions, b.chosen_ids, b.rejected_ids, c.code_mode_beta),
+    "early_tool_call": lambda b, o, c: early_tool_loss(o.head, b.call_id, b.turn_starts, b.call_positions, c.early_tool_decay),
+    "code_mode": lambda b, o, c: code_mode_loss(o.head, b.eligible, b.decision_positions, b.chosen_ids, b.rejected_ids, c.code_mode_beta),
     "intermediate": _intermediate,
 }
 
@@ -76,5 +79,5 @@ def weighted_sum(batch: DistillBatch, out: StudentOutputs, cfg: LossConfig, weig
         raise KeyError(f"loss weights: expected names among {sorted(LOSSES)}, found {unknown}")
     values = {name: LOSSES[name](batch, out, cfg) for name, w in weights.items() if w}
     terms = {name: weights[name] * value for name, value in values.items()}
-    total = sum(terms.values(), start=out.logits.new_zeros(()))
+    total = sum(terms.values(), start=out.hidden.new_zeros(()))
     return WeightedLoss(total, terms, {name: float(value.detach()) for name, value in values.items()})

@@ -12,7 +12,8 @@ the first token of a direct tool name::
 The rejected name is the direct tool the sample calls, or, when it already calls
 ``run_code``, the first tool its code calls. Everywhere else, ineligible samples included,
 the weight is exactly zero, so they get exactly zero gradient from this term. A pair whose
-two names start with the same token carries no preference and is dropped as well.
+two names start with the same token carries no preference and is dropped as well. The
+log-normaliser cancels in the margin: only the two logits are read.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from kdtrain.data.calls import CODE_TOOL, code_calls
-from kdtrain.losses.ce import zero_like_graph
+from kdtrain.losses.head import Head, as_head
 from kdtrain.losses.tool import CallSpans
 
 BETA = 1.0
@@ -68,7 +69,7 @@ def code_mode_mask(batch) -> torch.Tensor:
 
 
 def code_mode_loss(
-    logits: torch.Tensor,  # [B, S, V]
+    logits: Head | torch.Tensor,  # [B, S, V]
     eligible: torch.Tensor,  # [B] bool
     positions: torch.Tensor,  # [B] decision position, -1 = none
     chosen: torch.Tensor,  # [B] first token of run_code
@@ -76,13 +77,15 @@ def code_mode_loss(
     beta: float = BETA,
 ) -> torch.Tensor:
     """Scalar: mean over weighted samples of -logsigmoid(beta * (log p(chosen) - log p(rejected)))."""
+    head = as_head(logits)
     weights = code_mode_weights(eligible, positions, chosen, rejected)  # [B]
     if not weights.any():
-        return zero_like_graph(logits)
-    rows = torch.arange(len(positions), device=logits.device)
-    at = logits[rows, positions.clamp(min=0)].float()  # [B, V]: the decision logits
-    logp = at - torch.logsumexp(at, dim=-1, keepdim=True)
-    margin = logp.gather(1, chosen[:, None]).squeeze(1) - logp.gather(1, rejected[:, None]).squeeze(1)  # [B]
+        return head.zero()
+    rows, at = torch.arange(len(positions), device=head.device), positions.clamp(min=0)
+    ids = torch.full((*head.shape[:-1], 2), -1, device=head.device)  # [B, S, 2]: none but at the decisions
+    ids[rows, at] = torch.stack([chosen, rejected], dim=-1)
+    pair = head.logits_at(ids)[rows, at]  # [B, 2]
+    margin = pair[:, 0] - pair[:, 1]  # log p(chosen) - log p(rejected)
     return (weights * -F.logsigmoid(beta * margin)).sum() / weights.sum()
 
 

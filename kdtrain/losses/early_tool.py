@@ -12,26 +12,29 @@ from __future__ import annotations
 
 import torch
 
-from kdtrain.losses.ce import zero_like_graph
+from kdtrain.losses.head import Head, as_head
 from kdtrain.losses.length import turn_membership
 
 DECAY = 0.9
 
 
 def early_tool_loss(
-    logits: torch.Tensor,  # [B, S, V]
+    logits: Head | torch.Tensor,  # [B, S, V]
     call_id: int,  # <tool_call> in the student vocabulary
     starts: torch.Tensor,  # [B, T] first predicting position of each assistant turn, -1 = none
     calls: torch.Tensor,  # [B, T] position predicting the turn's first <tool_call>, -1 = no call
     decay: float = DECAY,
 ) -> torch.Tensor:
     """Scalar: mean over turns with a call of the distance-weighted mean of -log p(<tool_call>)."""
+    head = as_head(logits)
     with_call = (calls >= 0) & (starts >= 0)  # [B, T]
     if not with_call.any():
-        return zero_like_graph(logits)
-    member = turn_membership(starts.masked_fill(~with_call, -1), calls, logits.shape[1])  # [B, T, S]
-    distance = torch.arange(logits.shape[1], device=logits.device) - starts[..., None]  # [B, T, S]
+        return head.zero()
+    length = head.shape[1]
+    member = turn_membership(starts.masked_fill(~with_call, -1), calls, length)  # [B, T, S]
+    distance = torch.arange(length, device=head.device) - starts[..., None]  # [B, T, S]
     weight = torch.where(member, decay ** distance.clamp(min=0).float(), 0.0)
-    nll = torch.logsumexp(logits.float(), dim=-1) - logits[..., call_id].float()  # [B, S]
+    call = torch.full((*head.shape[:-1], 1), call_id, device=head.device)
+    nll = -head.log_probs_at(call)[..., 0]  # [B, S]
     per_turn = (weight * nll[:, None, :]).sum(-1) / weight.sum(-1).clamp(min=1e-12)  # [B, T]
     return per_turn[with_call].mean()

@@ -14,7 +14,9 @@ k + 1 outcomes together: the student is also taught how much mass to leave outsi
 top-k, at the price of treating the tail as a single token under temperature.
 
 Both are multiplied by tau**2 (Hinton et al.: the gradients of softened targets scale as
-1 / tau**2) and averaged over aligned positions.
+1 / tau**2) and averaged over aligned positions. The student is read through its head
+(:mod:`kdtrain.losses.head`): the default reads k logits per position and no normaliser
+(it cancels in the renormalisation); the rest bucket also reads the normaliser.
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
+
+from kdtrain.losses.head import Head, as_head
 
 Direction = Literal["forward", "reverse"]
 # Excluded entries get a finite floor, never -inf: a row with no valid entry (an unaligned
@@ -55,7 +59,7 @@ def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 def topk_kl(
-    logits: torch.Tensor,  # [B, S, V] student logits
+    logits: Head | torch.Tensor,  # [B, S, V] student logits
     teacher_ids: torch.Tensor,  # [B, S, K] student-vocabulary ids, -1 = none
     teacher_logprobs: torch.Tensor,  # [B, S, K]
     mask: torch.Tensor,  # [B, S] bool: aligned positions
@@ -67,17 +71,17 @@ def topk_kl(
     tau = float(temperature)
     valid = (teacher_ids >= 0) & mask[..., None]  # [B, S, K]
     positions = valid.any(-1)  # [B, S]
-    ids = teacher_ids.clamp(min=0)
+    head = as_head(logits)
     t_lp = teacher_logprobs.float().masked_fill(~valid, FLOOR)  # [B, S, K]
     if rest_bucket:
-        s_lp = torch.log_softmax(logits.float(), dim=-1).gather(-1, ids).masked_fill(~valid, FLOOR)  # [B, S, K]
+        s_lp = head.log_probs_at(teacher_ids).masked_fill(~valid, FLOOR)  # [B, S, K]
         t_lp, valid = _with_rest(t_lp, valid), F.pad(valid, (0, 1), value=True)  # [B, S, K + 1]
         s_lp = _with_rest(s_lp, valid[..., :-1])
         log_p = torch.log_softmax(t_lp / tau, dim=-1)
         log_q = torch.log_softmax(s_lp / tau, dim=-1)
     else:
         log_p = torch.log_softmax(t_lp / tau, dim=-1)  # renormalised over the valid top-k
-        s_lp = (logits.float() / tau).gather(-1, ids).masked_fill(~valid, FLOOR)
+        s_lp = (head.logits_at(teacher_ids) / tau).masked_fill(~valid, FLOOR)
         log_q = torch.log_softmax(s_lp, dim=-1)  # == log_softmax(logits / tau) at ids, renormalised
     per_position = _kl(log_p, log_q, valid, direction)  # [B, S]
     return tau * tau * _masked_mean(per_position, positions)
@@ -91,16 +95,16 @@ def _with_rest(log_probs: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
 
 
 def full_kl(
-    logits: torch.Tensor,  # [B, S, V] student
+    logits: Head | torch.Tensor,  # [B, S, V] student
     teacher_logits: torch.Tensor,  # [B, S, V] teacher, same vocabulary (or its shared prefix)
     mask: torch.Tensor,  # [B, S] bool
     temperature: float = 1.0,
     direction: Direction = "forward",
 ) -> torch.Tensor:
-    """Scalar: tau**2 * mean over ``mask`` of KL between the full tempered distributions."""
+    """Scalar: tau**2 * mean over ``mask`` of KL between the full tempered distributions (materialises both)."""
     tau = float(temperature)
     v = teacher_logits.shape[-1]
     log_p = torch.log_softmax(teacher_logits.float() / tau, dim=-1)
-    log_q = torch.log_softmax(logits[..., :v].float() / tau, dim=-1)
+    log_q = torch.log_softmax(as_head(logits).full()[..., :v].float() / tau, dim=-1)
     valid = mask[..., None].expand_as(log_p)
     return tau * tau * _masked_mean(_kl(log_p, log_q, valid, direction), mask)

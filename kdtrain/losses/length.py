@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from kdtrain.losses.ce import zero_like_graph
+from kdtrain.losses.head import Head, as_head
 
 EXCESS = 0.15
 HORIZON = 4.0
@@ -46,7 +46,7 @@ def expected_length(eos_logprob: torch.Tensor, starts: torch.Tensor, ends: torch
 
 
 def length_loss(
-    logits: torch.Tensor,  # [B, S, V]
+    logits: Head | torch.Tensor,  # [B, S, V]
     eos_id: int,
     starts: torch.Tensor,  # [B, T] first predicting position of each assistant turn, -1 = none
     ends: torch.Tensor,  # [B, T] position predicting the turn's closing EOS
@@ -54,10 +54,12 @@ def length_loss(
     horizon: float = HORIZON,
 ) -> torch.Tensor:
     """Scalar: mean over turns of the relative overrun beyond (1 + excess) x the teacher's length."""
+    head = as_head(logits)
     valid = starts >= 0  # [B, T]
     if not valid.any():
-        return zero_like_graph(logits)
-    eos_logprob = logits[..., eos_id].float() - torch.logsumexp(logits.float(), dim=-1)  # [B, S]
+        return head.zero()
+    eos = torch.full((*head.shape[:-1], 1), eos_id, device=head.device)
+    eos_logprob = head.log_probs_at(eos)[..., 0]  # [B, S]
     teacher_len = (ends - starts + 1).clamp(min=1).float()
     overrun = torch.relu(expected_length(eos_logprob, starts, ends, horizon) - (1.0 + excess) * teacher_len) / teacher_len
     return overrun[valid].mean()

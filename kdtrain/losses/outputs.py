@@ -1,9 +1,12 @@
-"""What the losses read from the student: logits, the final hidden state, halt probabilities,
-and optionally some layers projected into the teacher's hidden size.
+"""What the losses read from the student: its LM head (read lazily), the final hidden state,
+halt probabilities, and optionally some layers projected into the teacher's hidden size.
 
-``StudentLM.forward`` returns logits only (its signature is the export's); the hidden states
-are taken with forward hooks on the same pass: the final norm's output (what ``lm_head``
-and the halt head read, as in ``kdtrain.export.programs``) and the selected decoder layers.
+One pass of the backbone (``StudentLM.model``: embeddings, layers, final norm) gives the
+final hidden state that ``lm_head`` and the halt head read, as in ``kdtrain.export.programs``;
+the selected decoder layers are taken with forward hooks on the same pass. ``lm_head`` is
+not applied to every position: the losses read the log-normaliser and the logits at the
+ids they need through :class:`kdtrain.losses.head.ChunkedHead`, so the ``[tokens, vocab]``
+logits are never held; ``out.head.full()`` materialises them for evaluation.
 """
 
 from __future__ import annotations
@@ -12,12 +15,13 @@ from dataclasses import dataclass
 
 import torch
 
+from kdtrain.losses.head import ChunkedHead, Head
 from kdtrain.losses.intermediate import HiddenProjection
 
 
 @dataclass(frozen=True)
 class StudentOutputs:
-    logits: torch.Tensor  # [B, S, V]
+    head: Head  # the LM head over the final hidden state: logits [B, S, V], read lazily
     hidden: torch.Tensor  # [B, S, H] final hidden state after the norm
     halt: torch.Tensor  # [B, S] halt probability at each position
     layers: tuple[torch.Tensor, ...] = ()  # [B, S, Ht] per HiddenProjection pair, projected
@@ -25,20 +29,18 @@ class StudentOutputs:
 
 def student_outputs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                     projection: HiddenProjection | None = None) -> StudentOutputs:
-    """One forward pass of a :class:`kdtrain.student.model.StudentLM` with its hidden states."""
-    captured: dict[object, torch.Tensor] = {}
+    """One forward pass of a :class:`kdtrain.student.model.StudentLM`'s backbone with its hidden states."""
+    captured: dict[int, torch.Tensor] = {}
 
     def keep(key):
         return lambda module, args, output: captured.__setitem__(key, output[0] if isinstance(output, tuple) else output)
 
     wanted = projection.student_layers if projection is not None else ()
-    hooks = [model.model.norm.register_forward_hook(keep("final"))]
-    hooks += [model.model.layers[i].register_forward_hook(keep(i)) for i in wanted]
+    hooks = [model.model.layers[i].register_forward_hook(keep(i)) for i in wanted]
     try:
-        logits = model(input_ids, attention_mask)
+        hidden = model.model(input_ids, attention_mask)  # [B, S, H]
     finally:
         for hook in hooks:
             hook.remove()
-    hidden = captured["final"]
     layers = projection([captured[i] for i in wanted]) if projection is not None else ()
-    return StudentOutputs(logits, hidden, model.halt_probability(hidden), layers)
+    return StudentOutputs(ChunkedHead(hidden, model.lm_head.weight), hidden, model.halt_probability(hidden), layers)

@@ -58,7 +58,7 @@ def _evaluate(distiller, protocol: Protocol) -> dict:
     batch = data.batch(list(range(len(data))))
     out = student_outputs(model.student, batch.input_ids, batch.attention_mask, model.projection)
     metrics = {name: float(LOSSES[name](batch, out, distiller.loss_config)) for name in METRICS}
-    predicted = out.logits.argmax(-1)
+    predicted = out.head.full().argmax(-1)
     names = batch.tool_name_mask
     metrics["tool_name_accuracy"] = float((predicted[names] == batch.labels[names]).float().mean()) if names.any() else 0.0
     supervised = batch.supervised
