@@ -61,6 +61,22 @@ def test_minus_one_ids_read_zero_and_carry_no_gradient():
     assert torch.equal(hidden.grad, torch.zeros_like(hidden)) and torch.equal(weight.grad, torch.zeros_like(weight))
 
 
+def test_every_read_of_a_head_reaches_the_weight_through_one_gradient_per_pass():
+    hidden, weight, ids = head_inputs(2, 9, 6, 40, 4, seed=4)
+    labels = ids[..., :1]
+
+    def loss(head):
+        return (head.logsumexp() - head.logits_at(labels)[..., 0]).mean() + head.logits_at(ids).square().mean()
+
+    expected = torch.autograd.grad(loss(DenseHead(hidden @ weight.T)), (hidden, weight))
+    chunked = loss(ChunkedHead(hidden, weight, chunk_tokens=4))
+    torch.autograd.grad(chunked, hidden, retain_graph=True)  # a pass that does not reach the weight leaves nothing behind
+    for _ in range(2):  # nor does a full pass (retain_graph: the balance check backpropagates each term alone)
+        found = torch.autograd.grad(chunked, (hidden, weight), retain_graph=True)
+        for f, e in zip(found, expected):
+            torch.testing.assert_close(f, e, rtol=1e-5, atol=1e-6)
+
+
 def test_the_normaliser_is_computed_once_and_shared():
     hidden, weight, _ = head_inputs(1, 4, 6, 9, 1)
     head = ChunkedHead(hidden, weight)

@@ -74,14 +74,14 @@ def topk_kl(
     head = as_head(logits)
     t_lp = teacher_logprobs.float().masked_fill(~valid, FLOOR)  # [B, S, K]
     if rest_bucket:
-        s_lp = head.log_probs_at(teacher_ids).masked_fill(~valid, FLOOR)  # [B, S, K]
+        s_lp = head.log_probs_at(torch.where(valid, teacher_ids, -1)).masked_fill(~valid, FLOOR)  # [B, S, K]
         t_lp, valid = _with_rest(t_lp, valid), F.pad(valid, (0, 1), value=True)  # [B, S, K + 1]
         s_lp = _with_rest(s_lp, valid[..., :-1])
         log_p = torch.log_softmax(t_lp / tau, dim=-1)
         log_q = torch.log_softmax(s_lp / tau, dim=-1)
     else:
         log_p = torch.log_softmax(t_lp / tau, dim=-1)  # renormalised over the valid top-k
-        s_lp = (head.logits_at(teacher_ids) / tau).masked_fill(~valid, FLOOR)
+        s_lp = (head.logits_at(torch.where(valid, teacher_ids, -1)) / tau).masked_fill(~valid, FLOOR)
         log_q = torch.log_softmax(s_lp, dim=-1)  # == log_softmax(logits / tau) at ids, renormalised
     per_position = _kl(log_p, log_q, valid, direction)  # [B, S]
     return tau * tau * _masked_mean(per_position, positions)

@@ -5,7 +5,8 @@ none; its allocations and frees are what ``torch.profiler`` records with ``profi
 (one event per block, signed size, in order), so the peak is the running sum's maximum.
 That counts tensors only (no Python objects, no allocator caching), which is what the
 losses and the LM head change; ``resource``'s max RSS would be process-wide and never go
-down, and ``tracemalloc`` does not see torch.
+down, and ``tracemalloc`` does not see torch (:func:`kdtrain.runtime.speed.peak_bytes` uses it
+for what it does see: the MIL executor's numpy buffers).
 """
 
 from __future__ import annotations
