@@ -39,7 +39,7 @@ golden: artifacts
 	$(PY) -m pytest --kd-contracts $(CONTRACTS) --kd-artifacts $(ARTIFACTS) -m "golden or ablations" --snapshot-update -q
 
 # Printed ratios (pytest-benchmark) on the demo artifacts: executor vs PyTorch eager; the
-# trainer's tokens/s with KD vs plain CE (on the GPU when there is one); TTFT and decode tokens/s
+# trainer's KD/CE step time and peak memory (on the GPU when there is one); TTFT and decode tokens/s
 # of every package x length x backend, with MIL/torch and INT8/FP16 (benchmarks/test_runtime_speed.py).
 # Nothing saved: `make bench` also times the trainer and may be run on a subset (-k); were it
 # saved, bench-gate would compare against whatever it ran last.
