@@ -10,8 +10,12 @@ head weight without ever holding those logits:
   to float32 per chunk), keeps only the hidden state, the weight and the ``[tokens]``
   result for backward, and recomputes each chunk's logits there (the fused
   linear-cross-entropy technique of Liger-Kernel and Apple's Cut Cross-Entropy);
-- the logits at ids are ``[tokens, K]`` dot products, gathered one chunk of weight rows at
-  a time, their weight gradient scattered back row by row.
+- the logits at ids are ``[tokens, K]`` dot products on the positions that have an id,
+  gathered one chunk of weight rows at a time;
+- every read's weight gradient (the normaliser's dense one, the ids' rows) is summed into
+  one ``[vocab, H]`` gradient per backward pass (:class:`_WeightGradient`), so a loss set
+  that reads the head more often (KD: the teacher's top-k besides the label) costs no more
+  memory than CE and little more time.
 
 We write it ourselves because torch 2.13 has no such op: ``F.cross_entropy`` fuses nothing
 with the matmul, and the fused kernels (Liger, CCE) are CUDA/Triton-only and return a CE
