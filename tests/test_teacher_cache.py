@@ -18,7 +18,6 @@ import subprocess
 import sys
 import textwrap
 import time
-import zlib
 
 import numpy as np
 import pytest
@@ -79,13 +78,13 @@ def filled(tmp_path, n: int = 3, tokens: int = 5) -> TeacherCache:
 
 
 def assert_same_targets(got: TeacherResponse, want: TeacherResponse, step: float = packing.STEP) -> None:
-    """Ids and spans exact, the top-1 log-prob as FP16, the others within half a quantisation step (and FP16 rounding)."""
+    """Ids and spans exact, the top-1 log-prob as FP16, the others within a quantisation step (and FP16 rounding)."""
     for name in ("token_ids", "offsets", "topk_ids"):
         assert getattr(got, name).dtype == np.int32
         np.testing.assert_array_equal(getattr(got, name), getattr(want, name))
     assert got.topk_logprobs.dtype == np.float32
     np.testing.assert_array_equal(got.topk_logprobs[:, 0], want.topk_logprobs[:, 0].astype(np.float16))
-    np.testing.assert_allclose(got.topk_logprobs, want.topk_logprobs, rtol=2**-11, atol=step / 2 + 1e-6)
+    np.testing.assert_allclose(got.topk_logprobs, want.topk_logprobs, rtol=2**-11, atol=step + 1e-6)
     assert (got.text, got.prompt_tokens, got.completion_tokens) == (want.text, want.prompt_tokens, want.completion_tokens)
 
 
@@ -155,9 +154,9 @@ def _re_sign(path, row: int, payload: bytes) -> None:
 
 @pytest.mark.parametrize("forge, why", [
     (lambda p: p[:-4], "packed-1 payload of {n} bytes for 5 tokens x top-4: packed payload does not decompress "
-                           "(Error -5 while decompressing data: incomplete or truncated stream)"),
-    (lambda p: zlib.compress(zlib.decompress(p) + b"\x05"), "packed-1 payload of {n} bytes for 5 tokens x top-4: "
-                                                           "packed payload: 51 varints, expected 50"),
+                           "(the stream ends early)"),
+    (lambda p: packing.compress(packing.decompress(p) + b"\x05"), "packed-1 payload of {n} bytes for 5 tokens x top-4: "
+                                                                 "packed payload: 51 varints, expected 50"),
 ])
 def test_a_packed_payload_that_verifies_but_does_not_unpack_is_reported_and_never_used(tmp_path, forge, why):
     cache = filled(tmp_path)

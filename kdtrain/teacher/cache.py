@@ -8,23 +8,29 @@ teacher is one the caller accepts. Anything else is reported and excluded, never
 
 On disk, one row per entry in ``entries(id, sample_id, header, payload, content_sha256)``,
 indexed by sample id, so a lookup is one index probe and an append one insert whatever the
-size (a run caches 10^5-10^6 samples). ``header`` is canonical JSON and names the layout of
-``payload`` in its key ``payload``: ``packed-1`` (:mod:`kdtrain.teacher.packing`: sorted,
-delta-coded ids, log-probs quantised to 1/64 nat below the FP16 top-1, zlib; about 26 bytes
-per token at k = 8 and 88 at k = 32) or ``raw``, ``token_ids:i4[T] offsets:i4[T,2]
-topk_ids:i4[T,k] topk_logprobs:f2[T,k]`` little-endian (12 + 6k bytes per token), which a
-response packing cannot hold (an ``-inf`` log-prob) is written in and every entry of a
-format-2 file is in (their headers have no ``payload`` key). ``content_sha256 =
-SHA-256(header + b"\\0" + payload)``, over the stored bytes: a payload is verified before it
-is decoded, and one that verifies but does not decode is refused as damaged, saying why. Rows are only inserted (triggers
-abort an UPDATE or DELETE), each append is one transaction: a crash mid-write rolls back
-on the next open and is never read. While writing, the file is in WAL mode with
-``synchronous=FULL`` (one fsync per append: an answer the teacher was paid for survives a
-power cut); ``close`` folds the log back in, so at rest the cache is one self-contained file
-that readers never modify. A file SQLite cannot read is an ``ArtifactError`` naming it. Format 3
-(``PRAGMA user_version``) marks a file that may hold packed entries, so that a kdtrain from
-before packing refuses it by name instead of reporting every packed entry as damaged; a
-format-2 file is read as it is and becomes format 3 with its first packed append.
+size (a run caches 10^5-10^6 samples). ``header`` is canonical JSON; its key ``payload``
+names the payload's layout:
+
+- ``packed-1`` (:mod:`kdtrain.teacher.packing`): the text, target ids and spans, sorted and
+  delta-coded top-k ids with their rank order, log-probs in 1/32-nat steps below the FP16
+  top-1 (their mass never above the teacher's), LZMA2-compressed; the header holds no text. The whole file takes
+  about 39 bytes per token at k = 8 and 96 at k = 32 on the reference teacher's targets;
+- ``raw``: ``token_ids:i4[T] offsets:i4[T,2] topk_ids:i4[T,k] topk_logprobs:f2[T,k]``
+  little-endian (12 + 6k bytes per token), the text in the header. A response packing
+  cannot hold (an ``-inf`` log-prob) is written raw, and every entry of a format-2 file is
+  raw (its header has no ``payload`` key).
+
+``content_sha256 = SHA-256(header + b"\\0" + payload)``, over the stored bytes: a payload is
+verified before it is decoded, and one that verifies but does not decode is refused as
+damaged, saying why. Rows are only inserted (triggers abort an UPDATE or DELETE), each
+append is one transaction: a crash mid-write rolls back on the next open and is never
+read. While writing, the file is in WAL mode with ``synchronous=FULL`` (one fsync per
+append: an answer the teacher was paid for survives a power cut); ``close`` folds the log
+back in, so at rest the cache is one self-contained file that readers never modify. A file
+SQLite cannot read is an ``ArtifactError`` naming it. Format 3 (``PRAGMA user_version``)
+marks a file that may hold packed entries, so that a kdtrain from before packing refuses
+it by name instead of reporting every packed entry as damaged; a format-2 file is read as
+it is and becomes format 3 with its first append.
 """
 
 from __future__ import annotations
@@ -125,19 +131,19 @@ def _unpack_raw(payload: bytes, t: int, k: int) -> tuple[np.ndarray, ...]:
             np.frombuffer(part[3], "<f2").reshape(t, k).astype(np.float32))
 
 
-_UNPACK = {PACKED: packing.unpack, RAW: _unpack_raw}
-
-
 def _decode(header: dict, payload: bytes) -> TeacherResponse:
     t, k, layout = int(header["tokens"]), int(header["top_k"]), header.get("payload", RAW)  # format 2: no key, raw
-    if layout not in _UNPACK:
-        raise ValueError(f"payload layout {layout!r}, expected one of {sorted(_UNPACK)}")
+    if layout not in (PACKED, RAW):
+        raise ValueError(f"payload layout {layout!r}, expected {PACKED!r} or {RAW!r}")
     try:
-        token_ids, offsets, topk_ids, topk_logprobs = _UNPACK[layout](payload, t, k)
+        if layout == PACKED:
+            text, token_ids, offsets, topk_ids, topk_logprobs = packing.unpack(payload, t, k)
+        else:
+            text, (token_ids, offsets, topk_ids, topk_logprobs) = header["text"], _unpack_raw(payload, t, k)
     except ValueError as exc:
         raise ValueError(f"{layout} payload of {len(payload)} bytes for {t} tokens x top-{k}: {exc}") from exc
     return TeacherResponse(
-        text=header["text"], token_ids=token_ids, offsets=offsets, topk_ids=topk_ids, topk_logprobs=topk_logprobs,
+        text=text, token_ids=token_ids, offsets=offsets, topk_ids=topk_ids, topk_logprobs=topk_logprobs,
         prompt_tokens=int(header["prompt_tokens"]), completion_tokens=int(header["completion_tokens"]),
     )
 
@@ -167,7 +173,7 @@ def _row(request: TeacherRequest, teacher: TeacherId, response: TeacherResponse)
         "prompt_sha256": request.prompt_sha256(),
         "mode": request.mode,
         "teacher": {"name": teacher.name, "version": teacher.version},
-        "text": response.text,
+        **({} if layout == PACKED else {"text": response.text}),  # packed: compressed with the payload
         "tokens": int(len(response.token_ids)),
         "top_k": int(response.topk_ids.shape[1]),
         "prompt_tokens": response.prompt_tokens,
