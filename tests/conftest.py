@@ -206,7 +206,7 @@ def distill_config_data(artifacts: Path | str, **changes) -> dict:
         *parents, last = key.split(".")
         node = data
         for part in parents:
-            node = node[part]
+            node = node.setdefault(part, {})
         node[last] = value
     return data
 

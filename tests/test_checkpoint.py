@@ -235,6 +235,38 @@ def test_tampered_checkpoint_falls_back_to_the_previous_one(tmp_path, caplog, da
     assert warning.startswith(f"skipping checkpoint {newest}: ") and reason in warning, warning
 
 
+SHARD = "shards/shard-00001-model-00001-of-00001.safetensors"
+
+
+def _damage_shard(folder: Path) -> None:
+    data = bytearray((folder / SHARD).read_bytes())
+    data[-3] ^= 0x01
+    (folder / SHARD).write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("damage, reason", [
+    (_damage_shard, f"{SHARD}: expected SHA-256"),
+    (lambda folder: (folder / SHARD).unlink(), "at files: expected exactly"),
+    (lambda folder: (folder / "shards" / "shard-00002-model-00001-of-00001.safetensors").write_bytes(b"x"), "at files: expected exactly"),
+    (lambda folder: (folder / "model.json").write_text('{"aliases": {}}'), "model.json: expected SHA-256"),
+])
+def test_a_tampered_sharded_checkpoint_falls_back_to_the_previous_one(tmp_path, caplog, damage, reason):
+    config = make_config(**{"checkpoint.keep_last": 3})
+    seed_all(0)
+    model, optimizer, scheduler = setup(config)
+    for step in range(1, 4):
+        train_step(model, optimizer, scheduler)
+        save_checkpoint(tmp_path, TrainState.capture(step, model, optimizer, scheduler, config, sharded=True))
+    expected = {k: v.clone() for k, v in model.state_dict().items()}
+    damage(tmp_path / "checkpoints" / "step-000003")
+    with caplog.at_level(logging.WARNING, logger="kdtrain.train"):
+        state = load_latest(tmp_path)
+    assert state.step == 2 and state.sharded
+    [warning] = [r.getMessage() for r in caplog.records if r.name == "kdtrain.train"]
+    assert reason in warning, warning
+    assert_identical(dict(model.state_dict()), expected)  # nothing was loaded into the live model
+
+
 def test_no_checkpoint_that_verifies_is_an_error(tmp_path):
     saved_run(tmp_path, make_config())
     _damage_model(tmp_path / "checkpoints" / "step-000002")
@@ -250,10 +282,11 @@ def test_no_checkpoint_that_verifies_is_an_error(tmp_path):
 CHILD = """
 import shutil, sys, time
 import torch
-from kdtrain.train import checkpoint as ck
+from kdtrain.train import checkpoint as ck, shards
 from kdtrain.train.config import DistillConfig
 
 run, config_file, kill_point = sys.argv[1:4]
+sharded = kill_point.endswith("-sharded")
 config = DistillConfig.model_validate_json(open(config_file).read())
 saves = 0
 
@@ -268,6 +301,13 @@ if kill_point == "writing":  # inside the temporary folder, model written, the r
         if saves >= 2 and path.name == "model.safetensors":
             pause()
     ck._save_tensors = _save_tensors
+elif kill_point == "writing-sharded":  # the shards written (DCP fsynced them), the rest not yet
+    write = shards.write
+    def write_then_pause(tmp, tensors):
+        write(tmp, tensors)
+        if saves >= 2:
+            pause()
+    shards.write = write_then_pause
 elif kill_point == "pruning":  # an old checkpoint renamed away and half deleted
     rmtree = shutil.rmtree
     def half_rmtree(path, *args, **kwargs):
@@ -286,13 +326,13 @@ for step in range(1, 1000):
     model(torch.randn(2, 1024)).square().mean().backward()
     optimizer.step()
     scheduler.step()
-    ck.save_checkpoint(run, ck.TrainState.capture(step, model, optimizer, scheduler, config))
+    ck.save_checkpoint(run, ck.TrainState.capture(step, model, optimizer, scheduler, config, sharded=sharded))
     saves += 1
     print("saved", step, flush=True)
 """
 
 
-@pytest.mark.parametrize("kill_point", ["writing", "pruning", "anytime"])
+@pytest.mark.parametrize("kill_point", ["writing", "pruning", "anytime", "writing-sharded", "anytime-sharded"])
 def test_kill_9_during_a_checkpoint_write_leaves_the_last_good_one(tmp_path, kill_point):
     config = make_config(**{"checkpoint.keep_last": 2})
     config_file = tmp_path / "config.json"
@@ -309,9 +349,9 @@ def test_kill_9_during_a_checkpoint_write_leaves_the_last_good_one(tmp_path, kil
         for line in child.stdout:
             if line.startswith("saved"):
                 saved.append(int(line.split()[1]))
-            if line.startswith("paused") or (kill_point == "anytime" and len(saved) == 2):
+            if line.startswith("paused") or (kill_point.startswith("anytime") and len(saved) == 2):
                 break
-        if kill_point == "anytime":
+        if kill_point.startswith("anytime"):
             time.sleep(random.uniform(0.0, 0.05))  # somewhere inside the third save, most likely
         os.kill(child.pid, signal.SIGKILL)
         child.wait()
@@ -326,7 +366,7 @@ def test_kill_9_during_a_checkpoint_write_leaves_the_last_good_one(tmp_path, kil
     state = load_latest(run)
     assert state.step >= saved[-1] and state.step == folders[0][0]
     leftovers = [p.name for p in (run / "checkpoints").iterdir() if p.name.startswith(".step-")]
-    if kill_point == "writing":  # the third save never became visible
+    if kill_point.startswith("writing"):  # the third save never became visible
         assert state.step == saved[-1] and len(leftovers) == 1
         assert leftovers[0].startswith(f".step-{saved[-1] + 1:06d}.") and leftovers[0].endswith(".tmp")
     if kill_point == "pruning":  # the third save was complete; the first was being deleted
@@ -336,7 +376,7 @@ def test_kill_9_during_a_checkpoint_write_leaves_the_last_good_one(tmp_path, kil
     optimizer = torch.optim.AdamW(model.parameters())
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, config.optim.lr_scale)
     state.restore(model, optimizer, scheduler)
-    save_checkpoint(run, TrainState.capture(state.step + 1, model, optimizer, scheduler, config))
+    save_checkpoint(run, TrainState.capture(state.step + 1, model, optimizer, scheduler, config, sharded=kill_point.endswith("-sharded")))
     names = sorted(p.name for p in (run / "checkpoints").iterdir())
     assert names == [f"step-{state.step:06d}", f"step-{state.step + 1:06d}"]  # leftovers cleaned, keep_last = 2
     assert load_latest(run).step == state.step + 1

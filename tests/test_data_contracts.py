@@ -57,7 +57,7 @@ def test_a_damaged_cache_entry_fails_integrity_and_is_never_used(workspace):
     path = workspace.artifacts / CACHE  # a copy of the reference cache, not a link
     row, payload = sqlite3.connect(path).execute("SELECT id, payload FROM entries ORDER BY id DESC LIMIT 1").fetchone()
     damaged = bytearray(payload)
-    damaged[-5] ^= 0x10  # inside the last entry's FP16 log-probs
+    damaged[-5] ^= 0x10  # inside the last entry's payload (its log-probs, raw or packed)
     tamper_cache(path, "UPDATE entries SET payload = ? WHERE id = ?", bytes(damaged), row)
     result = workspace.run("-k", "teacher_targets")
     assert workspace.failed(result) == {"teacher_targets[integrity]", "teacher_targets[coverage]"}

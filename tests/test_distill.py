@@ -1,9 +1,11 @@
 """The trainer on the reference artifacts: the balance gate, the code-mode report, strict
-resume, step-for-step reproducibility after a resume, the schema-version refusal, and two
-gloo processes under torchrun."""
+resume, step-for-step reproducibility after a resume, the schema-version refusal, two gloo
+processes under torchrun (DDP; FSDP2 is tests/test_fsdp.py), and the data order: the same
+whatever the world size, collated alike in DataLoader workers."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -13,13 +15,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from conftest import write_distill_config
 from kdtrain.errors import ConfigError, DataError
 from kdtrain.train.balance import BalanceError, BalanceMonitor
 from kdtrain.train.config import load_config
-from kdtrain.train.data import load_training_data
-from kdtrain.train.checkpoint import capture_rng
+from kdtrain.train.checkpoint import DataPosition, capture_rng
+from kdtrain.train.data import Batches, load_training_data
 from kdtrain.train.loop import Distiller, RunResult
 
 
@@ -201,3 +204,31 @@ def test_a_token_budget_stops_the_run_and_a_restart_does_not_spend_it_again(conf
     assert spent >= 150 and spent - first.records[-1].tokens < 150  # stopped at the first step over it
     again = distil(config, tmp_path / "run", training_data)[1]
     assert again.records == [] and again.step == first.step and again.stopped == first.stopped
+
+
+def test_batches_collated_in_dataloader_workers_equal_those_collated_in_the_training_process(training_data):
+    start = DataPosition(0, 0, 1, 2)  # mid-epoch, written by two ranks
+    inline = Batches(training_data, 2, 7, start, rank=1, world=2)
+    loaded = Batches(training_data, 2, 7, start, rank=1, world=2, workers=2)
+    for _ in range(inline.batches_per_epoch + 1):  # across the epoch's end
+        (taken, indices, batch), (taken_w, indices_w, batch_w) = inline.next(), loaded.next()
+        assert (taken, indices) == (taken_w, indices_w)
+        for field in dataclasses.fields(batch):
+            left, right = getattr(batch, field.name), getattr(batch_w, field.name)
+            assert torch.equal(left, right) if isinstance(left, torch.Tensor) else left == right, field.name
+    assert inline.position == loaded.position and inline.position.epoch > start.epoch
+
+
+def test_each_step_takes_the_same_samples_whatever_the_world_size(training_data):
+    one = Batches(training_data, 2, 7, DataPosition())
+    two = [Batches(training_data, 1, 7, DataPosition(world=2), rank=r, world=2) for r in (0, 1)]
+    for _ in range(3):
+        assert sorted(one.next()[1]) == sorted(i for b in two for i in b.next()[1])
+    resumed = Batches(training_data, 2, 7, two[0].position)  # three steps of two ranks x one sample, on one rank
+    assert resumed.next()[1] == one.next()[1]
+
+
+def test_a_resume_that_would_split_a_step_across_world_sizes_is_refused(training_data):
+    with pytest.raises(DataError) as info:
+        Batches(training_data, 1, 7, DataPosition(0, 0, 3, 1), rank=0, world=2)
+    assert "resuming at 2 rank(s): expected the samples already taken in epoch 0 (3 batch(es) of 1 on 1 rank(s) = 3)" in str(info.value)

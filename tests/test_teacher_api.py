@@ -16,6 +16,7 @@ import pytest
 from teacher_server import FAULT_KINDS, Faults, chatml_prompt, teacher_server
 
 from kdcontracts.models.tokens import Message
+from kdtrain.teacher import packing
 from kdtrain.teacher.base import BudgetExceeded, TeacherError, TeacherRequest, TeacherResponse
 from kdtrain.teacher.budget import Budget, BudgetLimits
 from kdtrain.teacher.openai_api import OpenAIChatTeacher, RetryPolicy, token_char_spans
@@ -400,7 +401,8 @@ def test_a_fill_pass_with_30_percent_of_api_calls_failing_loses_no_sample(serve,
     server.set_faults(Faults())
     second = fill_cache(TeacherCache(cache.folder), client, requests, accept)
     assert second.fetched == len(listed) and second.hits == 40 - len(listed) and not second.retry_later
-    for request in requests:  # the cache stores log-probs in FP16
+    for request in requests:  # the cache stores log-probs packed: within a quantisation step (kdtrain.teacher.packing)
         want = TEACHER.complete(request)
-        assert_same(TeacherCache(cache.folder).lookup(request, accept).entry.response,
-                    replace(want, topk_logprobs=want.topk_logprobs.astype(np.float16).astype(np.float32)))
+        got = TeacherCache(cache.folder).lookup(request, accept).entry.response
+        np.testing.assert_allclose(got.topk_logprobs, want.topk_logprobs, rtol=2**-11, atol=packing.STEP)
+        assert_same(got, replace(want, topk_logprobs=got.topk_logprobs))

@@ -1,11 +1,14 @@
 """The logit cache is trusted only as far as it verifies: a tampered entry (payload edited,
-teacher version changed, prompt changed) is never used; a crash mid-write never leaves an
-entry that reads as valid; a damaged database file is an error naming it; a fill pass with
-failing calls loses no sample."""
+teacher version changed, prompt changed) is never used, nor is a packed payload that verifies
+but does not unpack; a crash mid-write never leaves an entry that reads as valid; a damaged
+database file is an error naming it; a cache written before packing (format 2) still reads;
+a fill pass with failing calls loses no sample."""
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import logging
 import os
 import shutil
@@ -27,7 +30,8 @@ from kdtrain.data.targets import TeacherTargets
 from kdtrain.errors import ArtifactError
 from kdtrain.teacher.base import BudgetExceeded, TeacherError, TeacherRequest, TeacherResponse
 from kdtrain.artifacts import sha256_path
-from kdtrain.teacher.cache import CACHE_FILE, TeacherCache, TeacherId, bytes_per_token
+from kdtrain.teacher import packing
+from kdtrain.teacher.cache import CACHE_FILE, TeacherCache, TeacherId, raw_bytes_per_token
 from kdtrain.teacher.fill import fill_cache, retry_later
 
 TEACHER = TeacherId("SmolLM2-135M-Instruct", "v1")
@@ -73,14 +77,35 @@ def filled(tmp_path, n: int = 3, tokens: int = 5) -> TeacherCache:
     return TeacherCache(cache.folder)  # re-read from disk
 
 
-def test_entries_round_trip_with_fp16_log_probs(tmp_path):
+def assert_same_targets(got: TeacherResponse, want: TeacherResponse, step: float = packing.STEP) -> None:
+    """Ids and spans exact, the top-1 log-prob as FP16, the others within a quantisation step (and FP16 rounding)."""
+    for name in ("token_ids", "offsets", "topk_ids"):
+        assert getattr(got, name).dtype == np.int32
+        np.testing.assert_array_equal(getattr(got, name), getattr(want, name))
+    assert got.topk_logprobs.dtype == np.float32
+    np.testing.assert_array_equal(got.topk_logprobs[:, 0], want.topk_logprobs[:, 0].astype(np.float16))
+    np.testing.assert_allclose(got.topk_logprobs, want.topk_logprobs, rtol=2**-11, atol=step + 1e-6)
+    assert (got.text, got.prompt_tokens, got.completion_tokens) == (want.text, want.prompt_tokens, want.completion_tokens)
+
+
+def test_entries_round_trip_packed(tmp_path):
     cache = filled(tmp_path)
     for i in range(3):
-        got, want = cache.lookup(request(i), ACCEPT).entry.response, response(i)
-        np.testing.assert_array_equal(got.topk_ids, want.topk_ids)
-        np.testing.assert_array_equal(got.offsets, want.offsets)
-        np.testing.assert_allclose(got.topk_logprobs, want.topk_logprobs.astype(np.float16), rtol=0)
+        assert_same_targets(cache.lookup(request(i), ACCEPT).entry.response, response(i))
     assert cache.lookup(request(9), ACCEPT).reason == "missing"
+    headers = [json.loads(h) for (h,) in sqlite3.connect(cache.file).execute("SELECT header FROM entries")]
+    assert [h["payload"] for h in headers] == ["packed-1"] * 3
+
+
+def test_a_response_packing_cannot_hold_is_stored_raw_and_round_trips_exactly(tmp_path):
+    impossible = response(0)
+    impossible.topk_logprobs[2, 3] = -np.inf  # an API's "impossible"
+    with TeacherCache(tmp_path / "cache") as cache:
+        cache.append(request(0), TEACHER, impossible)
+    got = TeacherCache(cache.folder).lookup(request(0), ACCEPT).entry.response
+    assert_same_targets(got, impossible, step=0.0)
+    np.testing.assert_array_equal(got.topk_logprobs, impossible.topk_logprobs.astype(np.float16))
+    assert json.loads(sqlite3.connect(cache.file).execute("SELECT header FROM entries").fetchone()[0])["payload"] == "raw"
 
 
 def test_at_rest_the_cache_is_one_file_that_readers_leave_as_it_is_and_rows_are_never_rewritten(tmp_path):
@@ -98,7 +123,8 @@ def test_at_rest_the_cache_is_one_file_that_readers_leave_as_it_is_and_rows_are_
 def test_storage_is_reported_against_full_vocabulary_logits(tmp_path):
     stats = filled(tmp_path, 40, tokens=128).stats(vocab_size=49152)
     assert stats["tokens"] == 40 * 128 and stats["full_vocab_fp32_bytes_per_token"] == 49152 * 4
-    assert bytes_per_token(4) <= stats["bytes_per_token"] < 1.5 * bytes_per_token(4)  # headers, pages amortised
+    # packed, even uniformly random ids (no teacher's) take less than the raw payload alone, headers and pages included
+    assert 0.5 * raw_bytes_per_token(4) < stats["bytes_per_token"] < raw_bytes_per_token(4)
     assert stats["compression"] > 1000
 
 
@@ -106,7 +132,7 @@ def test_edited_payload_is_never_used(tmp_path, caplog):
     cache = filled(tmp_path)
     entry = cache.lookup(request(1), ACCEPT).entry
     payload = bytearray(sqlite3.connect(cache.file).execute("SELECT payload FROM entries WHERE id = ?", (entry.row,)).fetchone()[0])
-    payload[-1] ^= 0x40  # the last FP16 log-prob
+    payload[-5] ^= 0x40  # inside the packed (compressed) payload
     tamper_cache(cache.file, "UPDATE entries SET payload = ? WHERE id = ?", bytes(payload), entry.row)
     reread = TeacherCache(cache.folder)
     found = reread.lookup(request(1), ACCEPT)
@@ -117,6 +143,66 @@ def test_edited_payload_is_never_used(tmp_path, caplog):
         seen = [ex.request.sample_id for ex in TeacherTargets([request(i) for i in range(3)], reread, ACCEPT)]
     assert seen == ["s000", "s002"]
     assert "missing teacher targets: 1/3 samples (33.3%)" in caplog.text
+
+
+def _re_sign(path, row: int, payload: bytes) -> None:
+    """Store ``payload`` in ``row`` with a content hash that verifies: what a writer with a packing bug would leave."""
+    header = sqlite3.connect(path).execute("SELECT header FROM entries WHERE id = ?", (row,)).fetchone()[0].encode("utf-8")
+    sha = hashlib.sha256(header + b"\0" + payload).hexdigest()
+    tamper_cache(path, "UPDATE entries SET payload = ?, content_sha256 = ? WHERE id = ?", payload, sha, row)
+
+
+@pytest.mark.parametrize("forge, why", [
+    (lambda p: p[:-4], "packed-1 payload of {n} bytes for 5 tokens x top-4: packed payload does not decompress "
+                           "(the stream ends early)"),
+    (lambda p: packing.compress(packing.decompress(p) + b"\x05"), "packed-1 payload of {n} bytes for 5 tokens x top-4: "
+                                                                 "packed payload: 51 varints, expected 50"),
+])
+def test_a_packed_payload_that_verifies_but_does_not_unpack_is_reported_and_never_used(tmp_path, forge, why):
+    cache = filled(tmp_path)
+    row, payload = sqlite3.connect(cache.file).execute("SELECT id, payload FROM entries WHERE sample_id = 's001'").fetchone()
+    forged = forge(payload)
+    _re_sign(cache.file, row, forged)
+    reread = TeacherCache(cache.folder)
+    why = why.format(n=len(forged))
+    assert reread.lookup(request(1), ACCEPT).reason == f"entry {row}: {why}"
+    assert reread.verify().damaged == [(row, why)]
+    assert [e.sample_id for e in reread] == ["s000", "s002"]
+
+
+def _format_2_cache(folder, items) -> None:
+    """A cache as kdtrain wrote it before packing (format 2): raw payloads, no ``payload`` key in the header."""
+    folder.mkdir()
+    with TeacherCache(folder) as cache:  # the schema; then the rows of the old writer
+        cache.append_many(items[:0])
+    with contextlib.closing(sqlite3.connect(cache.file)) as db, db:
+        db.execute("PRAGMA user_version = 2")
+        for req, teacher, r in items:
+            header = json.dumps({
+                "sample_id": req.sample_id, "prompt_sha256": req.prompt_sha256(), "mode": req.mode,
+                "teacher": {"name": teacher.name, "version": teacher.version}, "text": r.text, "tokens": len(r.token_ids),
+                "top_k": r.topk_ids.shape[1], "prompt_tokens": r.prompt_tokens, "completion_tokens": r.completion_tokens,
+            }, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+            payload = b"".join(np.ascontiguousarray(a, dtype).tobytes() for a, dtype in (
+                (r.token_ids, "<i4"), (r.offsets, "<i4"), (r.topk_ids, "<i4"), (r.topk_logprobs, "<f2")))
+            db.execute("INSERT INTO entries (sample_id, header, payload, content_sha256) VALUES (?, ?, ?, ?)",
+                       (req.sample_id, header, payload, hashlib.sha256(header.encode() + b"\0" + payload).hexdigest()))
+
+
+def test_a_format_2_cache_reads_as_it_is_and_takes_packed_entries_as_format_3(tmp_path):
+    folder = tmp_path / "cache"
+    _format_2_cache(folder, [(request(i), TEACHER, response(i)) for i in range(2)])
+    before = (folder / CACHE_FILE).read_bytes()
+    old = TeacherCache(folder)
+    for i in range(2):
+        assert_same_targets(old.lookup(request(i), ACCEPT).entry.response, response(i), step=0.0)
+    assert old.verify().entries == 2 and (folder / CACHE_FILE).read_bytes() == before  # reading changes nothing
+    with TeacherCache(folder) as cache:
+        cache.append(request(2), TEACHER, response(2))
+    reread = TeacherCache(folder)
+    assert [e.sample_id for e in reread] == ["s000", "s001", "s002"] and not reread.verify().damaged
+    assert_same_targets(reread.lookup(request(2), ACCEPT).entry.response, response(2))
+    assert sqlite3.connect(reread.file).execute("PRAGMA user_version").fetchone()[0] == 3
 
 
 @pytest.mark.parametrize("edit, why", [
@@ -222,7 +308,7 @@ def _another_database(path):
     (_garbage_header, "expected a readable SQLite teacher cache, found DatabaseError: file is not a database"),
     (_garbage_page, "expected a readable SQLite teacher cache, found DatabaseError: database disk image is malformed"),
     (_cut_in_half, "expected a readable SQLite teacher cache, found DatabaseError: database disk image is malformed"),
-    (_another_database, "at SQLite application_id, user_version: expected a kdtrain teacher cache (0x4b445443, format 2), "
+    (_another_database, "at SQLite application_id, user_version: expected a kdtrain teacher cache (0x4b445443, format 2 or 3), "
                         "found (0x0, format 0)"),
 ])
 def test_a_damaged_database_file_is_an_error_naming_it_and_is_left_as_it_is(tmp_path, damage, found):

@@ -91,6 +91,9 @@ def test_reference_config_loads():
     ("telemetry.prompts", 0, "telemetry.prompts", "greater than or equal to 1", "0"),
     ("telemetry.halt_threshold", 1.0, "telemetry.halt_threshold", "less than 1", "1.0"),
     ("telemetry.length_collapse", 0, "telemetry.length_collapse", "greater than 0", "0"),
+    ("parallel.param_dtype", "bfloat16", "parallel.strategy", "fsdp since param_dtype or reduce_dtype is not float32", "'ddp'"),
+    ("parallel.strategy", "zero3", "parallel.strategy", "'ddp' or 'fsdp'", "'zero3'"),
+    ("data.workers", -1, "data.workers", "greater than or equal to 0", "-1"),
     ("telemetry.colapse", 0.4, "telemetry.colapse", "one of the keys early_halt, halt_threshold, length_collapse,", "unknown key 'colapse'"),
 ])
 def test_bad_value_names_file_key_expected_found(tmp_path, key, value, where, expected, found):
@@ -217,3 +220,15 @@ def test_lr_scale_warms_up_then_follows_the_schedule():
     assert [optim.lr_scale(s) for s in range(2)] == [0.5, 1.0]
     assert optim.lr_scale(2) == 1.0 and optim.lr_scale(24) == pytest.approx(0.0, abs=1e-12)
     assert optim.model_copy(update={"schedule": "constant"}).lr_scale(30) == 1.0
+
+
+def test_the_parallel_section_is_in_the_fingerprint_once_used_and_data_workers_never(tmp_path):
+    """Where batches are collated does not change the run; how ranks share the student does (and its checkpoints' layout)."""
+    data = reference_data()
+    del data["parallel"], data["data"]["workers"]
+    plain = load_config(write(tmp_path, data, "plain.yaml"))
+    assert "parallel" not in plain.canonical() and "workers" not in plain.canonical()["data"]
+    assert load_config(write(tmp_path, reference_data(), "explicit.yaml")).fingerprint() == plain.fingerprint()
+    assert load_config(write(tmp_path, edited(data, "data.workers", 4), "workers.yaml")).fingerprint() == plain.fingerprint()
+    fsdp = load_config(write(tmp_path, edited(data, "parallel", {"strategy": "fsdp"}), "fsdp.yaml"))
+    assert fsdp.fingerprint() != plain.fingerprint() and fsdp.canonical()["parallel"]["strategy"] == "fsdp"

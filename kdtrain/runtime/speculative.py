@@ -29,7 +29,7 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import asdict, dataclass
-from typing import Protocol, Sequence
+from typing import Iterable, Protocol, Sequence
 
 import numpy as np
 
@@ -278,6 +278,11 @@ class SpeculativeMetrics:
     @property
     def calls_saved(self) -> float:
         return 1 - self.worker_calls / self.plain_calls if self.plain_calls else 0.0
+
+    @classmethod
+    def of_records(cls, records: Iterable[dict]) -> "SpeculativeMetrics":
+        """Over recorded runs (speculative/report.json's ``runs``), every prompt's decoding pooled."""
+        return cls.of([Decoding.from_json(p["speculative"]) for record in records for p in record["prompts"]])
 
     @classmethod
     def of(cls, decodings: Sequence[Decoding]) -> "SpeculativeMetrics":

@@ -62,7 +62,7 @@ class Sides:
 
         self.ctx, self.folder, self.segment = ctx, ctx.folder, segment
         self.tokenizers = {name: load_tokenizer(ctx.folder, name) for name in ("student", "teacher")}
-        self._hosts, self._student, self._teacher = {}, None, None
+        self._hosts, self._student, self._teacher, self._held_out = {}, None, None, {}
 
     def drafter(self, run):
         return self._package(run.pair.drafter, run.length, run.backend)
@@ -73,6 +73,14 @@ class Sides:
     def tokenizer(self, run):
         """The worker's tokenizer: it encodes the prompts and names the EOS."""
         return self.tokenizers["teacher" if run.pair.worker == TEACHER else "student"]
+
+    def held_out(self, run, contract) -> list[tuple[str, list[int]]]:
+        """:func:`held_out_prompts` in the run's worker's tokenizer, encoded once per tokenizer."""
+        name = "teacher" if run.pair.worker == TEACHER else "student"
+        if name not in self._held_out:
+            self._held_out[name] = held_out_prompts(self.folder, self.tokenizers[name], contract.prompts, min(contract.lengths),
+                                                    contract.file)
+        return self._held_out[name]
 
     @property
     def student(self):
@@ -147,7 +155,7 @@ def measure_run(sides: Sides, contract, run, plain: dict) -> dict:
     policy = SegmentPolicy(pair.segments.min, pair.segments.max, pair.segments.halt_threshold)
     worker_key = TEACHER if pair.worker == TEACHER else (pair.worker, run.length, run.backend)
     prompts, decodings = [], []
-    held_out = held_out_prompts(sides.folder, tokenizer, contract.prompts, min(contract.lengths), contract.file)
+    held_out = sides.held_out(run, contract)
     for case, prompt in (held_out[i] for i in contract.prompt_indices(run.length)):
         if (worker_key, case) not in plain:
             plain[worker_key, case] = greedy_decode(worker, prompt, contract.max_new_tokens, eos)
@@ -165,12 +173,12 @@ def measure_run(sides: Sides, contract, run, plain: dict) -> dict:
 def pooled(runs: list[dict]) -> dict[str, dict]:
     """Each pair's figures on each backend over its runs at every length (what the contract judges),
     by label ``<pair> [<backend>]``."""
-    from kdtrain.runtime.speculative import Decoding, SpeculativeMetrics
+    from kdtrain.runtime.speculative import SpeculativeMetrics
 
-    pools = {}
+    pools: dict[str, list[dict]] = {}
     for run in runs:
-        pools.setdefault(f"{run['pair']} [{run['backend']}]", []).extend(Decoding.from_json(p["speculative"]) for p in run["prompts"])
-    return {label: SpeculativeMetrics.of(decodings).to_json() for label, decodings in pools.items()}
+        pools.setdefault(f"{run['pair']} [{run['backend']}]", []).append(run)
+    return {label: SpeculativeMetrics.of_records(pool).to_json() for label, pool in pools.items()}
 
 
 def plot_acceptance(pools: dict[str, dict], segment: int, path) -> None:

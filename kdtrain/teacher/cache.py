@@ -8,14 +8,29 @@ teacher is one the caller accepts. Anything else is reported and excluded, never
 
 On disk, one row per entry in ``entries(id, sample_id, header, payload, content_sha256)``,
 indexed by sample id, so a lookup is one index probe and an append one insert whatever the
-size (a run caches 10^5-10^6 samples). ``header`` is canonical JSON, ``payload`` is
-``token_ids:i4[T] offsets:i4[T,2] topk_ids:i4[T,k] topk_logprobs:f2[T,k]`` little-endian,
-and ``content_sha256 = SHA-256(header + b"\\0" + payload)``. Rows are only inserted (triggers
-abort an UPDATE or DELETE), each append is one transaction: a crash mid-write rolls back
-on the next open and is never read. While writing, the file is in WAL mode with
-``synchronous=FULL`` (one fsync per append: an answer the teacher was paid for survives a
-power cut); ``close`` folds the log back in, so at rest the cache is one self-contained file
-that readers never modify. A file SQLite cannot read is an ``ArtifactError`` naming it.
+size (a run caches 10^5-10^6 samples). ``header`` is canonical JSON; its key ``payload``
+names the payload's layout:
+
+- ``packed-1`` (:mod:`kdtrain.teacher.packing`): the text, target ids and spans, sorted and
+  delta-coded top-k ids with their rank order, log-probs in 1/32-nat steps below the FP16
+  top-1 (their mass never above the teacher's), LZMA2-compressed; the header holds no text. The whole file takes
+  about 39 bytes per token at k = 8 and 96 at k = 32 on the reference teacher's targets;
+- ``raw``: ``token_ids:i4[T] offsets:i4[T,2] topk_ids:i4[T,k] topk_logprobs:f2[T,k]``
+  little-endian (12 + 6k bytes per token), the text in the header. A response packing
+  cannot hold (an ``-inf`` log-prob) is written raw, and every entry of a format-2 file is
+  raw (its header has no ``payload`` key).
+
+``content_sha256 = SHA-256(header + b"\\0" + payload)``, over the stored bytes: a payload is
+verified before it is decoded, and one that verifies but does not decode is refused as
+damaged, saying why. Rows are only inserted (triggers abort an UPDATE or DELETE), each
+append is one transaction: a crash mid-write rolls back on the next open and is never
+read. While writing, the file is in WAL mode with ``synchronous=FULL`` (one fsync per
+append: an answer the teacher was paid for survives a power cut); ``close`` folds the log
+back in, so at rest the cache is one self-contained file that readers never modify. A file
+SQLite cannot read is an ``ArtifactError`` naming it. Format 3 (``PRAGMA user_version``)
+marks a file that may hold packed entries, so that a kdtrain from before packing refuses
+it by name instead of reporting every packed entry as damaged; a format-2 file is read as
+it is and becomes format 3 with its first append.
 """
 
 from __future__ import annotations
@@ -34,11 +49,14 @@ import numpy as np
 
 from kdcontracts.models.distill_data import Accept
 from kdtrain.errors import ArtifactError, located
+from kdtrain.teacher import packing
 from kdtrain.teacher.base import TeacherRequest, TeacherResponse
 
 CACHE_FILE = "entries.sqlite3"
 APPLICATION_ID = 0x4B445443  # "KDTC" in the SQLite header: this file is a teacher cache
-FORMAT = 2  # PRAGMA user_version; 1 was the frame log before SQLite
+FORMAT = 3  # PRAGMA user_version; 3 may hold packed payloads, 2 holds raw ones only, 1 was the frame log before SQLite
+READABLE_FORMATS = (2, FORMAT)
+PACKED, RAW = "packed-1", "raw"  # the header's ``payload``: how the payload is laid out
 FULL_VOCAB_BYTES_PER_TOKEN_FP32 = 4  # one FP32 logit per vocabulary entry, for the size comparison
 _SCHEMA = f"""
 BEGIN IMMEDIATE;
@@ -58,7 +76,7 @@ def _canonical(obj) -> str:
     return json.dumps(obj, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
 
 
-def _payload(r: TeacherResponse) -> bytes:
+def _raw_payload(r: TeacherResponse) -> bytes:
     return b"".join((
         np.ascontiguousarray(r.token_ids, "<i4").tobytes(),
         np.ascontiguousarray(r.offsets, "<i4").tobytes(),
@@ -102,19 +120,30 @@ class Lookup:
     reason: str  # "hit", "missing", or why every stored entry for the sample was refused
 
 
-def _decode(header: dict, payload: bytes) -> TeacherResponse:
-    t, k = int(header["tokens"]), int(header["top_k"])
+def _unpack_raw(payload: bytes, t: int, k: int) -> tuple[np.ndarray, ...]:
     sizes = [4 * t, 8 * t, 4 * t * k, 2 * t * k]
     if sum(sizes) != len(payload):
-        raise ValueError(f"payload of {len(payload)} bytes, expected {sum(sizes)} for {t} tokens x top-{k}")
+        raise ValueError(f"expected {sum(sizes)} bytes, found {len(payload)}")
     cuts = list(itertools.accumulate(sizes, initial=0))
     part = [payload[cuts[i]:cuts[i + 1]] for i in range(4)]
+    return (np.frombuffer(part[0], "<i4").astype(np.int32), np.frombuffer(part[1], "<i4").reshape(t, 2).astype(np.int32),
+            np.frombuffer(part[2], "<i4").reshape(t, k).astype(np.int32),
+            np.frombuffer(part[3], "<f2").reshape(t, k).astype(np.float32))
+
+
+def _decode(header: dict, payload: bytes) -> TeacherResponse:
+    t, k, layout = int(header["tokens"]), int(header["top_k"]), header.get("payload", RAW)  # format 2: no key, raw
+    if layout not in (PACKED, RAW):
+        raise ValueError(f"payload layout {layout!r}, expected {PACKED!r} or {RAW!r}")
+    try:
+        if layout == PACKED:
+            text, token_ids, offsets, topk_ids, topk_logprobs = packing.unpack(payload, t, k)
+        else:
+            text, (token_ids, offsets, topk_ids, topk_logprobs) = header["text"], _unpack_raw(payload, t, k)
+    except ValueError as exc:
+        raise ValueError(f"{layout} payload of {len(payload)} bytes for {t} tokens x top-{k}: {exc}") from exc
     return TeacherResponse(
-        text=header["text"],
-        token_ids=np.frombuffer(part[0], "<i4").astype(np.int32),
-        offsets=np.frombuffer(part[1], "<i4").reshape(t, 2).astype(np.int32),
-        topk_ids=np.frombuffer(part[2], "<i4").reshape(t, k).astype(np.int32),
-        topk_logprobs=np.frombuffer(part[3], "<f2").reshape(t, k).astype(np.float32),
+        text=text, token_ids=token_ids, offsets=offsets, topk_ids=topk_ids, topk_logprobs=topk_logprobs,
         prompt_tokens=int(header["prompt_tokens"]), completion_tokens=int(header["completion_tokens"]),
     )
 
@@ -137,17 +166,19 @@ def _verified(row: tuple) -> Entry:
 
 
 def _row(request: TeacherRequest, teacher: TeacherId, response: TeacherResponse) -> tuple[str, str, bytes, str]:
-    payload = _payload(response)
+    layout = PACKED if packing.packable(response) else RAW
+    payload = packing.pack(response) if layout == PACKED else _raw_payload(response)
     header = _canonical({
         "sample_id": request.sample_id,
         "prompt_sha256": request.prompt_sha256(),
         "mode": request.mode,
         "teacher": {"name": teacher.name, "version": teacher.version},
-        "text": response.text,
+        **({} if layout == PACKED else {"text": response.text}),  # packed: compressed with the payload
         "tokens": int(len(response.token_ids)),
         "top_k": int(response.topk_ids.shape[1]),
         "prompt_tokens": response.prompt_tokens,
         "completion_tokens": response.completion_tokens,
+        "payload": layout,
     })
     return request.sample_id, header, payload, _content_sha256(header.encode("utf-8"), payload)
 
@@ -164,6 +195,7 @@ class TeacherCache:
         self.file = self.folder / CACHE_FILE
         self._db: sqlite3.Connection | None = None
         self._empty = False  # the file exists but no cache was created in it yet
+        self._format = FORMAT  # the open file's; an append raises 2 to FORMAT
         self._writing = False
 
     def __enter__(self) -> "TeacherCache":
@@ -190,11 +222,11 @@ class TeacherCache:
             db.text_factory = bytes
             try:
                 with self._sqlite():
-                    self._empty = self._check_format(db)
+                    self._format = self._check_format(db)
             except ArtifactError:
                 db.close()
                 raise
-            self._db = db
+            self._db, self._empty = db, self._format is None
         if write and not self._writing:
             with self._sqlite():
                 if not self._empty:  # a damaged table root stops an append here, before the file changes
@@ -203,18 +235,19 @@ class TeacherCache:
                 self._db.execute("PRAGMA synchronous=FULL")
                 if self._empty:
                     self._db.executescript(_SCHEMA)
-            self._writing, self._empty = True, False
+            self._writing, self._empty, self._format = True, False, self._format or FORMAT
         return None if self._empty else self._db
 
-    def _check_format(self, db: sqlite3.Connection) -> bool:
-        """True for a new (empty) database; an ArtifactError for anything but a teacher cache."""
+    def _check_format(self, db: sqlite3.Connection) -> int | None:
+        """The file's format, None for a new (empty) database; an ArtifactError for anything but a teacher cache."""
         found = (db.execute("PRAGMA application_id").fetchone()[0], db.execute("PRAGMA user_version").fetchone()[0])
-        if found == (APPLICATION_ID, FORMAT):
-            return False
+        if found[0] == APPLICATION_ID and found[1] in READABLE_FORMATS:
+            return found[1]
         if found == (0, 0) and not db.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]:
-            return True
+            return None
+        formats = " or ".join(map(str, READABLE_FORMATS))
         raise ArtifactError(located(self.file, "SQLite application_id, user_version",
-                                    f"a kdtrain teacher cache ({APPLICATION_ID:#x}, format {FORMAT})",
+                                    f"a kdtrain teacher cache ({APPLICATION_ID:#x}, format {formats})",
                                     f"({found[0]:#x}, format {found[1]})"))
 
     def close(self) -> None:
@@ -321,12 +354,15 @@ class TeacherCache:
             db.execute("BEGIN IMMEDIATE")
             try:
                 db.executemany("INSERT INTO entries (sample_id, header, payload, content_sha256) VALUES (?, ?, ?, ?)", rows)
+                if self._format != FORMAT:  # the rows may be packed: a reader must know packing
+                    db.execute(f"PRAGMA user_version = {FORMAT}")
             except BaseException:
                 db.execute("ROLLBACK")
                 raise
             db.execute("COMMIT")
+            self._format = FORMAT
 
 
-def bytes_per_token(top_k: int) -> int:
-    """Payload bytes per target token: id, span, k ids, k FP16 log-probs (headers aside)."""
+def raw_bytes_per_token(top_k: int) -> int:
+    """Raw payload bytes per target token: id, span, k ids, k FP16 log-probs (headers aside)."""
     return 4 + 8 + 4 * top_k + 2 * top_k

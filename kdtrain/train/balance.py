@@ -68,6 +68,39 @@ def measure(terms: Mapping[str, torch.Tensor], params: Sequence[torch.nn.Paramet
     return norms
 
 
+def measure_sharded(terms: Mapping[str, torch.Tensor], params: Sequence[torch.nn.Parameter]) -> dict[str, float]:
+    """:func:`measure` under FSDP2, where ``params`` are sharded DTensors that ``autograd.grad`` never reaches.
+
+    Each term is backpropagated in turn as training does (FSDP2 reduce-scatters it into the
+    sharded ``.grad``); its norm is that of what it added, summed over the ranks' shards. The
+    gradients end up holding the sum of the terms, as one backward of the total would. The
+    norm is of the ranks' mean gradient (DDP's :func:`measure` averages the ranks' norms).
+    """
+    import torch.distributed as dist
+
+    def local(grad):
+        if grad is None:
+            return None
+        return (grad.to_local() if hasattr(grad, "to_local") else grad).detach()
+
+    norms: dict[str, float] = {}
+    names = list(terms)
+    before = [None] * len(params)
+    for i, name in enumerate(names):
+        terms[name].backward(retain_graph=i < len(names) - 1)
+        now = [local(p.grad) for p in params]
+        total = torch.zeros((), dtype=torch.float64)
+        for old, new in zip(before, now):
+            if new is not None:
+                added = new if old is None else new - old
+                total += torch.linalg.vector_norm(added, dtype=torch.float64).square().cpu()
+        if dist.is_initialized():
+            dist.all_reduce(total)
+        norms[name] = math.sqrt(float(total))
+        before = [g.clone() if g is not None else None for g in now]
+    return norms
+
+
 class BalanceMonitor:
     """The window of recent measurements and the dominance rule over it."""
 

@@ -39,6 +39,7 @@ import numpy as np
 import torch
 
 from kdtrain import atomic
+from kdtrain.train import shards
 from kdtrain.artifacts import sha256_path
 from kdtrain.errors import ArtifactError, ConfigError, located
 from kdtrain.train.config import Budgets, Change, DistillConfig, allowed, diff, fingerprint_of
@@ -52,11 +53,21 @@ _STEP = re.compile(r"^step-(\d{6,})$")
 
 @dataclass(frozen=True)
 class DataPosition:
-    """Where the data loader resumes: the next sample is ``position`` of shard ``shard``."""
+    """Where the data loader resumes: ``position`` batches of ``data.batch_size`` taken on each
+    of ``world`` ranks in ``epoch`` (``shard``: the rank that recorded it).
+
+    Step ``s`` of an epoch takes samples ``[s * B * w, (s + 1) * B * w)`` of the epoch's order,
+    rank ``r`` every ``w``-th of them from ``r``; so ``position * B * world`` samples are done,
+    whatever the world size that resumes (:class:`kdtrain.train.data.Batches`)."""
 
     epoch: int = 0
     shard: int = 0
     position: int = 0
+    world: int = 1  # absent from checkpoints before FSDP: single-process runs
+
+    def samples(self, batch_size: int) -> int:
+        """Samples of the epoch already taken, over all ranks."""
+        return self.position * batch_size * self.world
 
 
 @dataclass
@@ -95,19 +106,30 @@ class TrainState:
     history: list[dict[str, Any]] = field(default_factory=list)  # recent steps' losses
     gate: dict[str, Any] | None = None  # a full run's unlock: the verdict it started on, or its logged override
     folder: Path | None = None  # where it was loaded from
+    # The sharded layout (kdtrain.train.shards; FSDP2 runs): captured, model and optimizer are
+    # FQN-keyed state dicts of this rank's shards; loaded, model is empty and optimizer is
+    # optimizer.json as read, its tensors still in the shards until ``restore``.
+    sharded: bool = False
+    world: int = 1  # the ranks that wrote it
 
     @classmethod
     def capture(cls, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler, config: DistillConfig,
                 data: DataPosition = DataPosition(), budgets: Spent | None = None, history: list | tuple = (),
-                gate: dict | None = None) -> "TrainState":
-        """The state of a run after ``step`` steps, RNGs included (references, not copies: save it now)."""
-        return cls(step, model.state_dict(), optimizer.state_dict(), scheduler.state_dict(), capture_rng(), data,
-                   budgets or Spent(), config.canonical(), config.fingerprint(), list(history), gate)
+                gate: dict | None = None, sharded: bool = False, world: int = 1) -> "TrainState":
+        """The state of a run after ``step`` steps, RNGs included (references, not copies: save it now).
+
+        ``sharded``: every rank captures (and then saves) its own shards."""
+        model_state, optimizer_state = shards.states(model, optimizer) if sharded else (model.state_dict(), optimizer.state_dict())
+        return cls(step, model_state, optimizer_state, scheduler.state_dict(), capture_rng(), data,
+                   budgets or Spent(), config.canonical(), config.fingerprint(), list(history), gate, sharded=sharded, world=world)
 
     def restore(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler) -> None:
-        """Put model, optimizer, scheduler and every RNG back where the saved run was."""
-        model.load_state_dict(self.model)
-        optimizer.load_state_dict(self.optimizer)
+        """Put model, optimizer, scheduler and every RNG back where the saved run was (sharded: on every rank)."""
+        if self.sharded:
+            shards.restore(self.folder, self.optimizer, model, optimizer)
+        else:
+            model.load_state_dict(self.model)
+            optimizer.load_state_dict(self.optimizer)
         scheduler.load_state_dict(self.scheduler)
         restore_rng(self.rng)
 
@@ -218,35 +240,61 @@ def _meta_sha256(meta: dict[str, Any]) -> str:
 # --- save ----------------------------------------------------------------------------------
 
 def save_checkpoint(run_dir: Path | str, state: TrainState) -> Path:
-    """Write ``step-NNNNNN`` atomically under the run's checkpoint folder, then prune; returns it."""
+    """Write ``step-NNNNNN`` atomically under the run's checkpoint folder, then prune; returns it.
+
+    The full layout is written by one process (rank 0); the sharded one by every rank, each
+    its shard, and published by rank 0 (:mod:`kdtrain.train.shards`)."""
     settings = DistillConfig.model_validate(state.config).checkpoint
     parent = Path(run_dir) / settings.dir
     final = parent / f"step-{state.step:06d}"
     optimizer_tensors: dict[str, torch.Tensor] = {}
+    if state.sharded:
+        tmp = shards.building(final)
+        tensors, optimizer_json, aliases = shards.flat_tensors(state.model, state.optimizer)
+        shards.write(tmp, tensors)
+        shards.barrier()
+        if shards.main():
+            (tmp / shards.MODEL).write_text(_dumps({"aliases": aliases}), encoding="utf-8")
+            _write_rest(tmp, state, optimizer_json, optimizer_tensors)
+            atomic.publish(tmp, final)
+            _prune(parent, state.step, settings.keep_last)
+        shards.barrier()
+        return final
     optimizer_json = _encode(state.optimizer, "optimizer", optimizer_tensors)
-    rng_tensors = {"torch": state.rng.torch, **{f"cuda.{i}": s for i, s in enumerate(state.rng.cuda)}}
     with atomic.directory(final) as tmp:
         _save_tensors(tmp / "model.safetensors", state.model)
-        _save_tensors(tmp / "optimizer.safetensors", optimizer_tensors)
-        (tmp / "optimizer.json").write_text(_dumps(optimizer_json), encoding="utf-8")
-        _save_tensors(tmp / "rng.safetensors", rng_tensors)
-        meta = {
-            "format": FORMAT,
-            "step": state.step,
-            "fingerprint": state.fingerprint,
-            "config": state.config,
-            "data": asdict(state.data),
-            "rng": {"python": state.rng.python, "numpy": state.rng.numpy},
-            "scheduler": _encode(state.scheduler, "scheduler", None),
-            "budgets": _encode(asdict(state.budgets), "budgets", None),
-            "history": _encode(state.history, "history", None),
-            "gate": state.gate,
-            "files": {file.name: sha256_path(file) for file in sorted(tmp.iterdir())},
-        }
-        meta["meta_sha256"] = _meta_sha256(meta)
-        (tmp / META).write_text(_dumps(meta), encoding="utf-8")
+        _write_rest(tmp, state, optimizer_json, optimizer_tensors)
     _prune(parent, state.step, settings.keep_last)
     return final
+
+
+def _write_rest(tmp: Path, state: TrainState, optimizer_json: Any, optimizer_tensors: dict[str, torch.Tensor]) -> None:
+    """Everything but the model's tensors, meta.json (with every file's SHA-256) last."""
+    if not state.sharded:
+        _save_tensors(tmp / "optimizer.safetensors", optimizer_tensors)
+    (tmp / "optimizer.json").write_text(_dumps(optimizer_json), encoding="utf-8")
+    _save_tensors(tmp / "rng.safetensors", {"torch": state.rng.torch, **{f"cuda.{i}": s for i, s in enumerate(state.rng.cuda)}})
+    meta = {
+        "format": FORMAT,
+        "step": state.step,
+        "fingerprint": state.fingerprint,
+        "config": state.config,
+        "data": asdict(state.data),
+        "rng": {"python": state.rng.python, "numpy": state.rng.numpy},
+        "scheduler": _encode(state.scheduler, "scheduler", None),
+        "budgets": _encode(asdict(state.budgets), "budgets", None),
+        "history": _encode(state.history, "history", None),
+        "gate": state.gate,
+        **({"layout": "sharded", "world": state.world} if state.sharded else {}),
+        "files": {name: sha256_path(tmp / name) for name in _files(tmp)},
+    }
+    meta["meta_sha256"] = _meta_sha256(meta)
+    (tmp / META).write_text(_dumps(meta), encoding="utf-8")
+
+
+def _files(folder: Path) -> list[str]:
+    """Every file under ``folder`` but meta.json, as sorted relative POSIX paths."""
+    return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file() and p.relative_to(folder).as_posix() != META)
 
 
 def _step_folders(parent: Path) -> list[tuple[int, Path]]:
@@ -296,7 +344,7 @@ def _read(folder: Path, step: int) -> TrainState:
         raise ArtifactError(located(meta_file, None, "readable JSON", exc)) from None
     if not isinstance(meta, dict) or meta.get("meta_sha256") != _meta_sha256(meta):
         raise ArtifactError(located(meta_file, "meta_sha256", "the SHA-256 of the rest of meta.json", "a mismatch"))
-    files = {p.name for p in folder.iterdir()} - {META}
+    files = set(_files(folder))
     if files != set(meta["files"]):
         raise ArtifactError(located(folder, "files", f"exactly {sorted(meta['files'])}", sorted(files)))
     for name, digest in meta["files"].items():
@@ -306,12 +354,17 @@ def _read(folder: Path, step: int) -> TrainState:
     if meta["step"] != step or meta["format"] != FORMAT or fingerprint_of(meta["config"]) != meta["fingerprint"]:
         raise ArtifactError(located(meta_file, "step, format, fingerprint", f"step {step}, format {FORMAT} and the config's "
                                     "fingerprint", f"{meta['step']}, {meta['format']}, {meta['fingerprint']}"))
-    optimizer = _decode(json.loads((folder / "optimizer.json").read_text(encoding="utf-8")),
-                        _load_tensors(folder / "optimizer.safetensors"))
+    layout = meta.get("layout", "full")
+    if layout not in ("full", "sharded"):
+        raise ArtifactError(located(meta_file, "layout", "'full' or 'sharded'", repr(layout)))
+    optimizer = json.loads((folder / "optimizer.json").read_text(encoding="utf-8"))
+    if layout == "full":
+        optimizer = _decode(optimizer, _load_tensors(folder / "optimizer.safetensors"))
     rng = _load_tensors(folder / "rng.safetensors")
     cuda = [rng[f"cuda.{i}"] for i in range(len(rng) - 1)]
     return TrainState(
-        step=step, model=_load_tensors(folder / "model.safetensors"), optimizer=optimizer,
+        sharded=layout == "sharded", world=meta.get("world", 1),
+        step=step, model=_load_tensors(folder / "model.safetensors") if layout == "full" else {}, optimizer=optimizer,
         scheduler=_decode(meta["scheduler"], {}), rng=RngStates(meta["rng"]["python"], meta["rng"]["numpy"], rng["torch"], cuda),
         data=DataPosition(**meta["data"]), budgets=Spent(**_decode(meta["budgets"], {})), config=meta["config"],
         fingerprint=meta["fingerprint"], history=_decode(meta["history"], {}), gate=meta.get("gate"), folder=folder,

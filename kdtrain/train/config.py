@@ -88,6 +88,9 @@ class Data(_Section):
     max_length: Count = 512
     seed: int = Field(0, ge=0)
     tool_schema_version: str = Field(pattern=r"^\d+\.\d+$")  # the target runtime's; the data must be compatible
+    # DataLoader worker processes that collate (tokenise, align, pad) batches ahead of the step;
+    # 0: in the training process. Not part of the fingerprint: it changes where, not what.
+    workers: int = Field(0, ge=0)
 
 
 class OpenAIEndpoint(_Section):
@@ -262,6 +265,29 @@ class Checkpoint(_Section):
         return value
 
 
+class Parallel(_Section):
+    """How ranks under ``torchrun`` share the student (one process: neither applies).
+
+    ``ddp``: every rank holds the whole student and its optimizer state (small students).
+    ``fsdp``: FSDP2 (``torch.distributed.fsdp.fully_shard``) on each decoder layer and the
+    root: parameters, gradients and AdamW state sharded over the ranks, so a 7B student's
+    ~112 GB of fp32 weights and moments fit on eight 80 GB GPUs; checkpoints are then written
+    by every rank with ``torch.distributed.checkpoint`` (kdtrain.train.sharded)."""
+
+    strategy: Literal["ddp", "fsdp"] = "ddp"
+    # FSDP2's MixedPrecisionPolicy: the sharded (master) weights stay float32; forward and
+    # backward run in param_dtype, gradients are reduced in reduce_dtype.
+    param_dtype: Literal["float32", "bfloat16"] = "float32"
+    reduce_dtype: Literal["float32", "bfloat16"] = "float32"
+
+    @model_validator(mode="after")
+    def _mixed_precision_is_fsdp(self) -> "Parallel":
+        if self.strategy != "fsdp" and (self.param_dtype, self.reduce_dtype) != ("float32", "float32"):
+            raise _invalid(("strategy",), "fsdp since param_dtype or reduce_dtype is not float32 (mixed precision is "
+                           "FSDP2's policy)", self.strategy)
+        return self
+
+
 class Budgets(_Section):
     """Totals over the whole run, resumes and re-runs included; None = unlimited."""
 
@@ -288,6 +314,7 @@ class DistillConfig(_Section):
     resume: Resume = Resume()
     on_policy: OnPolicy = OnPolicy()
     telemetry: Telemetry | None = None  # None: no per-stage telemetry
+    parallel: Parallel = Parallel()
     _file: Path | None = PrivateAttr(None)  # the YAML it was read from, for messages; not part of the fingerprint
 
     @field_validator("curriculum")
@@ -327,9 +354,10 @@ class DistillConfig(_Section):
     def canonical(self) -> dict[str, Any]:
         """The JSON form that the fingerprint hashes and checkpoints store.
 
-        Keys added after runs were fingerprinted (on-policy steps, telemetry) are left out
-        while they are off, so a config that does not use them keeps its fingerprint and its
-        checkpoints still resume."""
+        Keys added after runs were fingerprinted (on-policy steps, telemetry, parallel) are left
+        out while they are off, so a config that does not use them keeps its fingerprint and its
+        checkpoints still resume. ``data.workers`` is never in it: it changes where batches are
+        collated, not which."""
         data = self.model_dump(mode="json")
         for stage in data["curriculum"]:
             if stage["on_policy"] == 0:
@@ -338,6 +366,9 @@ class DistillConfig(_Section):
             del data["on_policy"]
         if self.telemetry is None:
             del data["telemetry"]
+        if self.parallel == Parallel():
+            del data["parallel"]
+        del data["data"]["workers"]
         return data
 
     def fingerprint(self) -> str:

@@ -16,8 +16,10 @@ import logging
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
+from torch.utils.data import Dataset, Sampler
 
 from kdcontracts.models.tool_registry import compatible
 from kdtrain.artifact_table import DATA_CORPUS, TEACHER_CACHE
@@ -51,36 +53,84 @@ class TrainingData:
     def eligible_fraction(self) -> float:
         return sum(self.eligible) / len(self.eligible) if self.eligible else 0.0
 
-    def order(self, epoch: int, seed: int, rank: int = 0, world: int = 1) -> list[int]:
-        """This rank's sample indices for ``epoch``: a seeded permutation, strided by rank."""
-        return np.random.default_rng(seed + epoch).permutation(len(self.examples))[rank::world].tolist()
+    def order(self, epoch: int, seed: int) -> list[int]:
+        """The sample indices of ``epoch``, a seeded permutation (each rank takes its stride of each step's window)."""
+        return np.random.default_rng(seed + epoch).permutation(len(self.examples)).tolist()
 
     def batch(self, indices: list[int]) -> DistillBatch:
         return collate_distill([self.examples[i] for i in indices], self.tokenizer, [self.eligible[i] for i in indices])
 
 
 class Batches:
-    """Batches of one rank from a :class:`DataPosition` on; ``position`` is where the next starts."""
+    """Batches of one rank from a :class:`DataPosition` on; ``position`` is where the next starts.
 
-    def __init__(self, data: TrainingData, batch_size: int, seed: int, start: DataPosition, rank: int = 0, world: int = 1):
+    The order does not depend on the world size: step ``s`` of an epoch takes the epoch's
+    samples ``[done + s * B * w, done + (s + 1) * B * w)`` and rank ``r`` every ``w``-th of
+    them, so a checkpoint resumes at another world size (``done`` is what it had taken).
+    With ``workers`` > 0, batches are collated (tokenised, aligned, padded) in DataLoader
+    worker processes, ``prefetch`` batches ahead of the step that needs them.
+    """
+
+    def __init__(self, data: TrainingData, batch_size: int, seed: int, start: DataPosition, rank: int = 0, world: int = 1,
+                 workers: int = 0, prefetch: int = 2):
         self.data, self.batch_size, self.seed, self.rank, self.world = data, batch_size, seed, rank, world
-        per_rank = len(data) // world
-        if per_rank < batch_size:
+        self.global_batch = batch_size * world
+        if len(data) < self.global_batch:
             raise DataError(f"training data: expected at least data.batch_size ({batch_size}) samples per rank ({world} rank(s)), "
                             f"found {len(data)} usable sample(s) in all")
-        self.batches_per_epoch = per_rank // batch_size  # the ragged tail is dropped: every rank takes the same steps
-        self.position = start
+        done = start.samples(batch_size)
+        if done % self.global_batch:
+            raise DataError(f"resuming at {world} rank(s): expected the samples already taken in epoch {start.epoch} "
+                            f"({start.position} batch(es) of {batch_size} on {start.world} rank(s) = {done}) to be a multiple "
+                            f"of data.batch_size x ranks ({self.global_batch}); resume on a world size that divides it")
+        self.batches_per_epoch = len(data) // self.global_batch  # the ragged tail is dropped: every rank takes the same steps
+        self.position = DataPosition(start.epoch, rank, done // self.global_batch, world)
+        self._plans = self._plan(self.position)
+        self._loader = None
+        if workers > 0:
+            from torch.utils.data import DataLoader
+
+            self._loader = iter(DataLoader(_Collated(data), batch_size=None, sampler=_Indices(self._plan(self.position)),
+                                           num_workers=workers, prefetch_factor=prefetch, persistent_workers=True))
+
+    def _plan(self, start: DataPosition) -> Iterator[tuple[DataPosition, list[int]]]:
+        """(where each batch is taken, its sample indices), from ``start`` on, forever."""
+        epoch, index, order = start.epoch, start.position, None
+        while True:
+            if index >= self.batches_per_epoch:
+                epoch, index, order = epoch + 1, 0, None
+            if order is None:
+                order = self.data.order(epoch, self.seed)
+            window = order[index * self.global_batch:(index + 1) * self.global_batch]
+            yield DataPosition(epoch, self.rank, index, self.world), window[self.rank::self.world]
+            index += 1
 
     def next(self) -> tuple[DataPosition, list[int], DistillBatch]:
         """(where the batch was taken, its sample indices, the batch)."""
-        epoch, index = self.position.epoch, self.position.position
-        if index >= self.batches_per_epoch:
-            epoch, index = epoch + 1, 0
-        order = self.data.order(epoch, self.seed, self.rank, self.world)
-        indices = order[index * self.batch_size:(index + 1) * self.batch_size]
-        taken = DataPosition(epoch, self.rank, index)
-        self.position = DataPosition(epoch, self.rank, index + 1)
-        return taken, indices, self.data.batch(indices)
+        taken, indices = next(self._plans)
+        batch = next(self._loader) if self._loader is not None else self.data.batch(indices)
+        self.position = DataPosition(taken.epoch, self.rank, taken.position + 1, self.world)
+        return taken, indices, batch
+
+
+class _Collated(Dataset):
+    """Sample indices -> their collated batch, in a DataLoader worker (the tokenizer is forked with it)."""
+
+    def __init__(self, data: TrainingData):
+        self.data = data
+
+    def __getitem__(self, indices: list[int]) -> DistillBatch:
+        return self.data.batch(indices)
+
+
+class _Indices(Sampler):
+    """The batches' index lists, in the order :meth:`Batches._plan` takes them."""
+
+    def __init__(self, plans: Iterator[tuple[DataPosition, list[int]]]):
+        self.plans = plans
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return (indices for _, indices in self.plans)
 
 
 def check_schema_version(corpus: Corpus, corpus_file: Path, runtime_version: str) -> None:

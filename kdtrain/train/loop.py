@@ -18,7 +18,10 @@ log is cut back to that step, so it never shows a step twice. A fresh start firs
 smoke gate (:func:`smoke_gate`).
 
 Under ``torchrun`` (``WORLD_SIZE`` > 1) the trainee is wrapped in DDP (gloo on CPU, NCCL
-on GPU); each rank reads its stride of the data, rank 0 alone writes checkpoints and logs.
+on GPU), or sharded with FSDP2 (``parallel.strategy: fsdp``: each decoder layer and the root);
+each rank reads its stride of each step's samples and rank 0 alone writes the logs. Under DDP
+rank 0 writes checkpoints; under FSDP2 every rank writes its shard of one
+(kdtrain.train.shards), which resumes at any world size.
 """
 
 from __future__ import annotations
@@ -41,7 +44,7 @@ from kdtrain.errors import ConfigError, located
 from kdtrain.losses import (DistillBatch, HiddenProjection, LossConfig, WeightedLoss, eligible_fraction, student_outputs,
                             weighted_sum)
 from kdtrain.student.model import StudentLM
-from kdtrain.train.balance import BalanceError, BalanceMonitor, DominanceAlert, measure
+from kdtrain.train.balance import BalanceError, BalanceMonitor, DominanceAlert, measure, measure_sharded
 from kdtrain.train.checkpoint import (DataPosition, Spent, TrainState, capture_rng, check_resume, load_latest, restore_rng,
                                       save_checkpoint)
 from kdtrain.train.config import DistillConfig
@@ -173,7 +176,7 @@ class Distiller:
         config = self.config
         self.trainee, self.optimizer, self.scheduler = self._build()
         saved = load_latest(self.run_dir, config.checkpoint.dir)
-        self.spent, self.history, position, start = Spent(), [], DataPosition(shard=self.world.rank), 0
+        self.spent, self.history, position, start = Spent(), [], DataPosition(shard=self.world.rank, world=self.world.size), 0
         if saved is not None:
             for change in check_resume(saved, config):
                 log.warning("resume: allowed configuration change %s (resume.allow_changes)", change)
@@ -187,12 +190,12 @@ class Distiller:
             self._truncate_log()
             if gate:
                 smoke_gate(self, override_balance or config.balance.override)
-        self.model: nn.Module = self.trainee
-        if self.world.size > 1:
+        self.model: nn.Module = self.trainee  # under FSDP2 the trainee itself is sharded (_build)
+        if self.world.size > 1 and not self.sharded:
             device_ids = [self.world.device.index] if self.world.device.type == "cuda" else None
             self.model = nn.parallel.DistributedDataParallel(self.trainee, device_ids=device_ids, find_unused_parameters=True)
-        self.batches = Batches(self.data, config.data.batch_size, config.data.seed,
-                               DataPosition(position.epoch, self.world.rank, position.position), self.world.rank, self.world.size)
+        self.batches = Batches(self.data, config.data.batch_size, config.data.seed, position, self.world.rank, self.world.size,
+                               workers=config.data.workers)
         self.monitor = BalanceMonitor(config.balance.ratio, config.balance.window)
         self.result = RunResult(self.run_dir, start, resumed_from=start if saved is not None else None)
         self.override_alerts = override_alerts
@@ -200,7 +203,13 @@ class Distiller:
         if self.telemetry is not None:
             self.telemetry.start(start, override_alerts)
 
+    @property
+    def sharded(self) -> bool:
+        """FSDP2 (``parallel.strategy: fsdp``): sharded modules under torchrun, sharded checkpoints always."""
+        return self.config.parallel.strategy == "fsdp"
+
     def _build(self) -> tuple[Trainee, torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+        """The trainee from the initial student, seeded (the same weights every time), sharded under FSDP2, and its optimizer."""
         _seed_everything(self.config.optim.seed)
         student = StudentLM.from_pretrained(self.artifacts.path(self.config.student.artifact)).train()
         projection = None
@@ -208,6 +217,8 @@ class Distiller:
             teacher = self._live_teacher()
             projection = HiddenProjection(self.config.losses.intermediate_layers, student.config.hidden_size, teacher.config.hidden_size)
         trainee = Trainee(student, projection).to(self.world.device)
+        if self.sharded and self.world.size > 1:
+            self.world.shard(trainee, trainee.student.model.layers, self.config.parallel)
         return (trainee, *_optimizer(self.config, trainee))
 
     def _live_teacher(self):
@@ -258,7 +269,9 @@ class Distiller:
         loss = model(batch, weights, self.loss_config)
         norms = None
         params = [p for p in model.parameters() if p.requires_grad]
-        if measure_norms:
+        if measure_norms and self.sharded and self.world.size > 1:
+            norms = measure_sharded(loss.terms, params)  # the gradients hold the total after it
+        elif measure_norms:
             distributed = self.world.size > 1
             norms = self.world.mean(measure(loss.terms, params, accumulate=not distributed))
             if distributed:
@@ -374,8 +387,8 @@ class Distiller:
         ends: a run its alert stops resumes there); rank 0 writes."""
         if done % self.config.checkpoint.every_n_steps == 0 or done == end or now:
             state = TrainState.capture(done, self.trainee, self.optimizer, self.scheduler, self.config, self.batches.position,
-                                       self.spent, self.history, self.gate)
-            if self.world.main:
+                                       self.spent, self.history, self.gate, sharded=self.sharded, world=self.world.size)
+            if self.world.main or self.sharded:  # sharded: every rank writes its shard
                 save_checkpoint(self.run_dir, state)
 
     # --- the log -------------------------------------------------------------------------
@@ -420,18 +433,20 @@ class Distiller:
 
 
 def smoke_gate(distiller: Distiller, override: bool) -> list[DominanceAlert]:
-    """A few dozen measured steps on a copy of the trainee; refuse to start if a term dominates.
+    """A few dozen measured steps on a second trainee; refuse to start if a term dominates.
 
-    The copy is thrown away and every RNG (Python, numpy, torch CPU and CUDA) is put back, so
-    the run starts from the untouched weights and random state. With ``override`` the run
+    The second trainee is built as the first was (same seed, same weights; sharded the same
+    way under FSDP2, where a deep copy of a sharded module is not an option), then thrown away,
+    and every RNG (Python, numpy, torch CPU and CUDA) is put back, so the run starts from the
+    untouched weights and random state. With ``override`` the run
     starts anyway and the override is logged with the alerts.
     """
     config = distiller.config
     steps = config.balance.smoke_steps
     rng = capture_rng()
-    model = copy.deepcopy(distiller.trainee)
-    optimizer, scheduler = _optimizer(config, model)
-    batches = Batches(distiller.data, config.data.batch_size, config.data.seed, DataPosition(), distiller.world.rank, distiller.world.size)
+    model, optimizer, scheduler = distiller._build()
+    batches = Batches(distiller.data, config.data.batch_size, config.data.seed, DataPosition(world=distiller.world.size),
+                      distiller.world.rank, distiller.world.size)
     monitor = BalanceMonitor(config.balance.ratio, config.balance.window)
     measured = []
     for step in tqdm(range(steps), desc="kdtrain smoke run", unit="step", disable=not distiller.progress):

@@ -64,15 +64,11 @@ def run_record(c: SpeculativeContract, run: Run, kd_artifacts) -> dict:
     return record
 
 
-def _metrics(*records: dict):
-    from kdtrain.runtime.speculative import Decoding, SpeculativeMetrics
-
-    return SpeculativeMetrics.of([Decoding.from_json(p["speculative"]) for record in records for p in record["prompts"]])
-
-
 def _pooled(c: SpeculativeContract, pool: Pool, kd_artifacts):
     """The pool's figures, from every one of its runs' records (each must be current)."""
-    return _metrics(*(run_record(c, run, kd_artifacts) for run in pool.runs))
+    from kdtrain.runtime.speculative import SpeculativeMetrics
+
+    return SpeculativeMetrics.of_records(run_record(c, run, kd_artifacts) for run in pool.runs)
 
 
 def _judge(c: SpeculativeContract, pool: Pool, judgements, metrics) -> None:
