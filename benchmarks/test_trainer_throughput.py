@@ -15,8 +15,9 @@ timed ones, by :func:`kdtrain.train.memory.measure_allocations`: CUDA's allocato
 or on CPU the profiler's allocation events, i.e. torch tensors only (not the process's RSS,
 which is process-wide and never goes down), gradients from none at the step's start.
 
-Run with ``make bench`` (needs the demo artifacts). Reported as numbers and ratios, never
-asserted. The balance measurement is switched off here (it is amortised over
+On a GPU it also prints each mode's tokens/s and MFU (model FLOPs per token from the student's
+shape, :func:`training_flops_per_token`, over the GPU's dense bf16 peak). Run with ``make bench``
+(needs the demo artifacts). Reported as numbers and ratios, never asserted. The balance measurement is switched off here (it is amortised over
 ``balance.every_n_steps``; its cost is (terms - 1) extra backward passes on measured steps).
 """
 
@@ -85,3 +86,36 @@ def test_kd_step_time_and_peak_memory_against_ce(request, bench_artifacts, tmp_p
     for label, mode in (("KD overhead (kl + ce against ce)", "kd"), ("reference loss set against ce", "reference")):
         ratio = statistics.median(t / c for t, c in zip(seconds[mode], seconds["ce"]))
         print(f"{label}: step time {ratio:.2f}x, peak memory {max(peaks[mode]) / max(peaks['ce']):.2f}x")
+    if device.type == "cuda":
+        student = distiller.trainee.student
+        per_token = training_flops_per_token(student, int(batch.input_ids.shape[1]))
+        peak = peak_flops(torch.cuda.get_device_name(device))
+        for mode in MODES:
+            rate = tokens / sum(seconds[mode])
+            mfu = f"MFU {rate * per_token / peak:.1%} of {peak / 1e12:.0f} TFLOP/s" if peak else "MFU: peak unknown (set KD_PEAK_FLOPS)"
+            print(f"{mode} on {torch.cuda.get_device_name(device)}: {rate:.0f} tokens/s, {mfu}")
+
+
+# Dense bf16 tensor-core peaks (vendor datasheets), by a substring of torch.cuda.get_device_name().
+PEAK_BF16 = {"H200": 989e12, "H100 PCIe": 756e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12}
+
+
+def peak_flops(name: str) -> float | None:
+    """The GPU's dense bf16 peak in FLOP/s: ``KD_PEAK_FLOPS`` if set, else the datasheet's (None if unknown)."""
+    import os
+
+    if os.environ.get("KD_PEAK_FLOPS"):
+        return float(os.environ["KD_PEAK_FLOPS"])
+    return next((flops for key, flops in PEAK_BF16.items() if key in name), None)
+
+
+def training_flops_per_token(student, context: int) -> float:
+    """Model FLOPs of one trained token (PaLM's MFU convention): 6 per weight of every matmul, the
+    LM head included and the embedding lookup not, plus 12 x layers x width x context for
+    attention. The chunked head's recomputed logits are not counted: MFU counts the model's
+    FLOPs, not the ones an implementation chooses to spend."""
+    c = student.config
+    matmul = sum(p.numel() for n, p in student.named_parameters() if p.dim() == 2 and "embed_tokens" not in n)
+    if c.tie_word_embeddings:
+        matmul += c.vocab_size * c.hidden_size  # the head shares the embedding's weight but is a matmul
+    return 6 * matmul + 12 * c.num_hidden_layers * c.num_attention_heads * c.head_dim * context
