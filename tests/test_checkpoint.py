@@ -211,6 +211,17 @@ def _edit_meta(folder: Path) -> None:
     path.write_text(path.read_text().replace('"lr": 0.0003', '"lr": 0.003'))
 
 
+def three_checkpoints(run: Path, sharded: bool = False) -> torch.nn.Module:
+    """Steps 1 to 3 of a run saved (keep_last 3) in the full or the sharded layout; the model after step 3."""
+    config = make_config(**{"checkpoint.keep_last": 3})
+    seed_all(0)
+    model, optimizer, scheduler = setup(config)
+    for step in range(1, 4):
+        train_step(model, optimizer, scheduler)
+        save_checkpoint(run, TrainState.capture(step, model, optimizer, scheduler, config, sharded=sharded))
+    return model
+
+
 @pytest.mark.parametrize("damage, reason", [
     (_damage_model, "model.safetensors: expected SHA-256"),
     (_truncate_optimizer, "optimizer.safetensors: expected SHA-256"),
@@ -220,12 +231,7 @@ def _edit_meta(folder: Path) -> None:
     (_edit_meta, "meta.json: at meta_sha256: expected the SHA-256 of the rest of meta.json"),
 ])
 def test_tampered_checkpoint_falls_back_to_the_previous_one(tmp_path, caplog, damage, reason):
-    config = make_config(**{"checkpoint.keep_last": 3})
-    seed_all(0)
-    model, optimizer, scheduler = setup(config)
-    for step in range(1, 4):
-        train_step(model, optimizer, scheduler)
-        save_checkpoint(tmp_path, TrainState.capture(step, model, optimizer, scheduler, config))
+    three_checkpoints(tmp_path)
     newest = tmp_path / "checkpoints" / "step-000003"
     damage(newest)
     with caplog.at_level(logging.WARNING, logger="kdtrain.train"):
@@ -251,12 +257,7 @@ def _damage_shard(folder: Path) -> None:
     (lambda folder: (folder / "model.json").write_text('{"aliases": {}}'), "model.json: expected SHA-256"),
 ])
 def test_a_tampered_sharded_checkpoint_falls_back_to_the_previous_one(tmp_path, caplog, damage, reason):
-    config = make_config(**{"checkpoint.keep_last": 3})
-    seed_all(0)
-    model, optimizer, scheduler = setup(config)
-    for step in range(1, 4):
-        train_step(model, optimizer, scheduler)
-        save_checkpoint(tmp_path, TrainState.capture(step, model, optimizer, scheduler, config, sharded=True))
+    model = three_checkpoints(tmp_path, sharded=True)
     expected = {k: v.clone() for k, v in model.state_dict().items()}
     damage(tmp_path / "checkpoints" / "step-000003")
     with caplog.at_level(logging.WARNING, logger="kdtrain.train"):

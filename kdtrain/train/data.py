@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Iterator
 
 import numpy as np
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from kdcontracts.models.tool_registry import compatible
 from kdtrain.artifact_table import DATA_CORPUS, TEACHER_CACHE
@@ -88,8 +88,6 @@ class Batches:
         self._plans = self._plan(self.position)
         self._loader = None
         if workers > 0:
-            from torch.utils.data import DataLoader
-
             self._loader = iter(DataLoader(_Collated(data), batch_size=None, sampler=_Indices(self._plan(self.position)),
                                            num_workers=workers, prefetch_factor=prefetch, persistent_workers=True))
 

@@ -384,11 +384,11 @@ class Distiller:
 
     def _maybe_checkpoint(self, done: int, end: int, now: bool) -> None:
         """Every ``checkpoint.every_n_steps``, at the last step, and ``now`` (a budget stops the run, a measured stage
-        ends: a run its alert stops resumes there); rank 0 writes."""
+        ends: a run its alert stops resumes there); rank 0 writes, or under FSDP2 every rank its shard."""
         if done % self.config.checkpoint.every_n_steps == 0 or done == end or now:
             state = TrainState.capture(done, self.trainee, self.optimizer, self.scheduler, self.config, self.batches.position,
                                        self.spent, self.history, self.gate, sharded=self.sharded, world=self.world.size)
-            if self.world.main or self.sharded:  # sharded: every rank writes its shard
+            if self.world.main or self.sharded:
                 save_checkpoint(self.run_dir, state)
 
     # --- the log -------------------------------------------------------------------------
